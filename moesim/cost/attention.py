@@ -1,0 +1,145 @@
+"""Attention core time (the fused attention kernel, without the QKV / output projections).
+
+Prefill (context) attention is compute-bound for long prompts: causal FLOP are
+``4 * batch * heads * head_dim * sum_i min(i + 1, window)``: QK^T and PV each 2 FLOP per
+multiply-add, over the keys each query sees. Decode attention is memory-bound: every step reads
+the whole KV cache of each sequence.
+
+Multi-head latent attention (DeepSeek-V2/V3) keeps one compressed latent of
+``kv_lora_rank + qk_rope_head_dim`` per token shared by all heads. Decode runs "absorbed" (the
+up-projections folded into the query and output), so each head attends over the latent:
+QK over ``kv_lora + rope`` and PV over ``kv_lora``. Prefill runs un-absorbed, with per-head
+keys of ``qk_nope + qk_rope`` and values of ``v_head_dim``.
+"""
+
+from __future__ import annotations
+
+from moesim.cost.roofline import OpCost, dtype_bytes, kernel
+
+
+def _keys_seen(seq: int, window: int | None, block: int = 128) -> float:
+    """Query-key pairs a causal prompt of ``seq`` tokens computes. Flash-attention works in
+    key blocks of ``block``, so a sliding window of ``window`` costs about ``window + block``
+    keys per query, not ``window``."""
+    span = (window + block) if window else seq
+    if span >= seq:
+        return seq * (seq + 1) / 2.0
+    return span * (span + 1) / 2.0 + (seq - span) * span
+
+
+def prefill_attention_time(
+    device,
+    batch: int,
+    seq: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    window: int | None = None,
+    dtype: str = "bf16",
+    v_head_dim: int | None = None,
+    efficiency: float | None = None,
+    name: str = "attention_prefill",
+) -> OpCost:
+    """Causal self-attention over ``batch`` prompts of ``seq`` tokens (heads already divided by
+    TP). ``v_head_dim`` differs from ``head_dim`` in un-absorbed MLA."""
+    v_dim = v_head_dim or head_dim
+    pairs = batch * num_heads * _keys_seen(seq, window)
+    flops = 2.0 * pairs * (head_dim + v_dim)
+    size = dtype_bytes(dtype)
+    tokens = batch * seq
+    bytes_moved = tokens * size * (num_heads * head_dim + num_kv_heads * (head_dim + v_dim) + num_heads * v_dim)
+    eff = device.efficiency
+    peak_share = eff.attention_prefill if efficiency is None else efficiency
+    cost = kernel(device, name, flops, bytes_moved, "bf16", compute_efficiency=peak_share * _fill(device, batch * num_heads, seq))
+    _add_overhead(device, cost)
+    cost.info = {"batch": batch, "seq": seq, "heads": num_heads, "kv_heads": num_kv_heads, "window": window}
+    return cost
+
+
+def _add_overhead(device, cost: OpCost) -> None:
+    cost.time += device.efficiency.attention_overhead
+    cost.launch_time += device.efficiency.attention_overhead
+
+
+def _fill(device, heads_times_batch: int, seq: int, block: int = 128) -> float:
+    """Fraction of compute units a flash-attention grid of (batch x heads x query blocks)
+    keeps busy, averaged over waves."""
+    blocks = heads_times_batch * max(1, -(-seq // block))
+    units = device.compute_units
+    waves = -(-blocks // units)
+    return blocks / (waves * units)
+
+
+def decode_attention_time(
+    device,
+    batch: int,
+    kv_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    window: int | None = None,
+    kv_dtype: str = "bf16",
+    name: str = "attention_decode",
+) -> OpCost:
+    """One decode step: ``batch`` sequences, one new query token each, over ``kv_len`` cached
+    tokens (capped at ``window`` for sliding layers)."""
+    keys = min(kv_len, window) if window else kv_len
+    flops = 4.0 * batch * num_heads * keys * head_dim
+    kv_bytes = batch * keys * 2 * num_kv_heads * head_dim * dtype_bytes(kv_dtype)
+    q_out = batch * num_heads * head_dim * 2 * 2.0
+    cost = _decode_kernel(device, name, flops, kv_bytes + q_out, batch * num_kv_heads, keys)
+    cost.info = {"batch": batch, "kv_len": kv_len, "heads": num_heads, "kv_heads": num_kv_heads, "window": window}
+    return cost
+
+
+def _decode_kernel(device, name: str, flops: float, bytes_moved: float, groups: int, keys: int) -> OpCost:
+    """Decode attention streams the KV cache; with few (sequence, KV head) groups the kernel
+    splits the keys (flash-decoding) but short caches still leave units idle."""
+    eff = device.efficiency
+    splits = max(1, min(-(-keys // 256), -(-device.compute_units // max(groups, 1))))
+    busy = min(1.0, groups * splits / device.compute_units)
+    cost = kernel(device, name, flops, bytes_moved, "bf16",
+                  compute_efficiency=eff.attention_prefill, memory_efficiency=eff.attention_decode * max(busy, 0.05))
+    _add_overhead(device, cost)
+    return cost
+
+
+def mla_decode_time(
+    device,
+    batch: int,
+    kv_len: int,
+    num_heads: int,
+    kv_lora_rank: int,
+    qk_rope_head_dim: int,
+    *,
+    kv_dtype: str = "bf16",
+    name: str = "mla_decode",
+) -> OpCost:
+    """One absorbed-MLA decode step over ``kv_len`` cached latents (heads already divided by TP)."""
+    latent = kv_lora_rank + qk_rope_head_dim
+    flops = 2.0 * batch * num_heads * kv_len * (latent + kv_lora_rank)
+    bytes_moved = batch * kv_len * latent * dtype_bytes(kv_dtype) + batch * num_heads * (latent + kv_lora_rank) * 2.0
+    cost = _decode_kernel(device, name, flops, bytes_moved, batch, kv_len)
+    cost.info = {"batch": batch, "kv_len": kv_len, "heads": num_heads}
+    return cost
+
+
+def mla_prefill_time(
+    device,
+    batch: int,
+    seq: int,
+    num_heads: int,
+    qk_nope_head_dim: int,
+    qk_rope_head_dim: int,
+    v_head_dim: int,
+    *,
+    dtype: str = "bf16",
+    name: str = "mla_prefill",
+) -> OpCost:
+    """Un-absorbed MLA prefill: per-head keys of ``nope + rope``, values of ``v_head_dim``."""
+    return prefill_attention_time(
+        device, batch, seq, num_heads, num_heads, qk_nope_head_dim + qk_rope_head_dim,
+        dtype=dtype, v_head_dim=v_head_dim, efficiency=device.efficiency.mla_prefill, name=name,
+    )

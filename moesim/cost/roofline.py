@@ -1,0 +1,163 @@
+"""The roofline: the time of one kernel from its FLOP and bytes on one device.
+
+A kernel takes ``launch + max(compute, memory)``, where ``compute`` is FLOP over the peak
+reached at that shape and ``memory`` is bytes over the bandwidth reached plus a fixed memory
+latency. Every efficiency is a field of the device profile (``efficiency:``), so calibrating a
+device means editing its YAML, not this code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPE_BYTES = {
+    "fp64": 8.0,
+    "fp32": 4.0,
+    "tf32": 4.0,
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "fp6": 0.75,
+    "fp4": 0.5,
+    "int4": 0.5,
+}
+
+# Names the measured tables and serving engines use for the same dtypes.
+DTYPE_ALIASES = {
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "float32": "fp32",
+    "float": "fp32",
+    "fp8_block": "fp8",
+    "fp8_e4m3": "fp8",
+    "int4_wo": "int4",
+    "int8_wo": "int8",
+    "nvfp4": "fp4",
+    "mxfp4": "fp4",
+}
+
+
+def canonical_dtype(dtype: str) -> str:
+    """'bfloat16' -> 'bf16' and so on; raises ValueError for a name it does not know."""
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
+    return name
+
+
+def dtype_bytes(dtype: str) -> float:
+    """Bytes per element of ``dtype``."""
+    return DTYPE_BYTES[canonical_dtype(dtype)]
+
+
+@dataclass
+class OpCost:
+    """Predicted time of one operator and what bounds it.
+
+    Times are seconds; ``flops`` FLOP and ``bytes`` bytes moved to or from device memory.
+    ``parts`` holds the kernels an operator is made of (a MoE layer: router, permute, two
+    grouped GEMMs, ...), each an ``OpCost`` itself.
+    """
+
+    name: str
+    time: float
+    compute_time: float = 0.0
+    memory_time: float = 0.0
+    launch_time: float = 0.0
+    comm_time: float = 0.0
+    flops: float = 0.0
+    bytes: float = 0.0
+    parts: list[OpCost] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def bound(self) -> str:
+        """'compute', 'memory', 'communication' or 'launch': the largest of the four terms."""
+        terms = {
+            "compute": self.compute_time,
+            "memory": self.memory_time,
+            "communication": self.comm_time,
+            "launch": self.launch_time,
+        }
+        return max(terms, key=terms.get)
+
+    def to_dict(self) -> dict:
+        out = {
+            "name": self.name,
+            "time_s": self.time,
+            "compute_s": self.compute_time,
+            "memory_s": self.memory_time,
+            "launch_s": self.launch_time,
+            "comm_s": self.comm_time,
+            "flops": self.flops,
+            "bytes": self.bytes,
+            "bound": self.bound,
+        }
+        if self.info:
+            out["info"] = self.info
+        if self.parts:
+            out["parts"] = [p.to_dict() for p in self.parts]
+        return out
+
+
+def combine(name: str, parts: list[OpCost], **info) -> OpCost:
+    """An operator made of kernels that run one after another."""
+    return OpCost(
+        name=name,
+        time=sum(p.time for p in parts),
+        compute_time=sum(p.compute_time for p in parts),
+        memory_time=sum(p.memory_time for p in parts),
+        launch_time=sum(p.launch_time for p in parts),
+        comm_time=sum(p.comm_time for p in parts),
+        flops=sum(p.flops for p in parts),
+        bytes=sum(p.bytes for p in parts),
+        parts=parts,
+        info=info,
+    )
+
+
+def kernel(
+    device,
+    name: str,
+    flops: float,
+    bytes_moved: float,
+    dtype: str = "bf16",
+    *,
+    compute_efficiency: float | None = None,
+    memory_efficiency: float = 1.0,
+    launches: int = 1,
+) -> OpCost:
+    """One kernel's time on ``device`` (an Accelerator or Cpu spec).
+
+    ``compute_efficiency`` overrides the device's large-GEMM efficiency for kernels that
+    cannot reach it (shape effects are computed by the caller and passed in here);
+    ``memory_efficiency`` scales the device's streaming efficiency the same way.
+    """
+    eff = device.efficiency
+    peak = device.peak_flops(dtype)
+    c_eff = eff.compute_for(dtype) if compute_efficiency is None else compute_efficiency
+    compute = flops / (peak * c_eff) if flops > 0 else 0.0
+    bandwidth = device.memory.bandwidth * eff.memory * memory_efficiency
+    memory = bytes_moved / bandwidth + eff.memory_latency if bytes_moved > 0 else 0.0
+    launch = launches * device.launch_overhead
+    p = eff.roofline_p
+    body = (compute**p + memory**p) ** (1.0 / p) if compute and memory else compute + memory
+    return OpCost(
+        name=name,
+        time=launch + body,
+        compute_time=compute,
+        memory_time=memory,
+        launch_time=launch,
+        flops=flops,
+        bytes=bytes_moved,
+    )
+
+
+def elementwise(device, name: str, elements: float, dtype: str = "bf16", *, reads: int = 1, writes: int = 1, flops_per_element: float = 1.0) -> OpCost:
+    """A memory-bound kernel (norm, activation, residual add, copy) over ``elements`` values
+    read ``reads`` times and written ``writes`` times."""
+    # Vector units, not tensor cores, do this arithmetic: rate it at the fp32 peak.
+    bytes_moved = elements * dtype_bytes(dtype) * (reads + writes)
+    return kernel(device, name, elements * flops_per_element, bytes_moved, "fp32", compute_efficiency=1.0)

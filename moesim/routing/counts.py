@@ -1,0 +1,170 @@
+"""Tokens per expert for one MoE layer: balanced, power-law, or read from a trace.
+
+These are the count-level distributions the cost model takes (``tokens_per_expert``: an int64
+array of length ``num_experts`` summing to ``tokens * top_k``, no expert above ``tokens``).
+
+``power_law_counts`` follows the procedure aiconfigurator's collector uses to draw the skewed
+rows of its measured MoE tables (collector/helper.py, ``_generate_power_law_distribution``), so
+predictions for those rows compare like with like: per-expert weights drawn by inverse-CDF from a
+power law with exponent ``alpha`` on [1, 0.8 * tokens], scaled to ``tokens * top_k`` and rounded,
+each expert capped at ``tokens`` (a token picks an expert at most once) with the overflow and
+rounding remainder given back one token at a time, round-robin over EP ranks, to each rank's
+least-loaded expert, and finally the EP rank with the largest load swapped into rank 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from moesim.errors import InputError
+
+
+def balanced_ids(tokens: int, num_experts: int, top_k: int) -> np.ndarray:
+    """``[tokens, top_k]`` expert ids spread as evenly as possible: token ``t``'s ``j``-th choice
+    is ``(t + j * stride) % num_experts`` with ``stride = ceil(num_experts / top_k)``; with fewer
+    tokens than ``stride`` the tokens are spaced out over the stride instead.
+
+    This is the pattern of aiconfigurator's measured "balanced" rows, so the experts that land on
+    each EP rank at small token counts are the same as in those measurements.
+    """
+    stride = -(-num_experts // top_k)
+    t = np.arange(tokens, dtype=np.int64)[:, None]
+    j = np.arange(top_k, dtype=np.int64)[None, :]
+    start = t if tokens >= stride else (t * stride) // tokens
+    return (start + j * stride) % num_experts
+
+
+def balanced_counts(tokens: int, num_experts: int, top_k: int) -> np.ndarray:
+    """Tokens per expert of :func:`balanced_ids`: equal when ``tokens * top_k`` is a multiple of
+    ``num_experts``."""
+    return np.bincount(balanced_ids(tokens, num_experts, top_k).ravel(), minlength=num_experts).astype(np.int64)
+
+
+def _give_back(counts: np.ndarray, ep: int, remaining: int, step: int, cap: int) -> np.ndarray:
+    """Add (``step`` = 1) or remove (-1) ``remaining`` tokens one at a time, visiting EP ranks in
+    turn and picking each rank's least (when adding) or most (when removing) loaded expert that
+    can still move."""
+    per_rank = counts.reshape(ep, -1)
+    while remaining > 0:
+        moved = False
+        for rank in range(ep):
+            local = per_rank[rank]
+            valid = np.flatnonzero(local < cap) if step > 0 else np.flatnonzero(local > 0)
+            if valid.size == 0:
+                continue
+            pick = valid[np.argmin(local[valid])] if step > 0 else valid[np.argmax(local[valid])]
+            local[pick] += step
+            remaining -= 1
+            moved = True
+            if remaining == 0:
+                break
+        if not moved:
+            break
+    return per_rank.reshape(-1)
+
+
+def power_law_counts(
+    tokens: int, num_experts: int, top_k: int, alpha: float, *, ep: int = 1, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Skewed tokens per expert with exponent ``alpha`` (> 1 is more skewed), heaviest EP rank
+    first. See the module docstring for the procedure."""
+    if alpha == 1.0:
+        raise InputError("power-law exponent 1.0 is degenerate; use e.g. 1.01")
+    if num_experts % ep:
+        raise InputError(f"EP {ep} does not divide {num_experts} experts")
+    rng = rng or np.random.default_rng(0)
+    total = tokens * top_k
+    if total > num_experts:
+        low, high = 1.0, tokens * 0.8
+    else:
+        low, high = 0.01, 2.0
+    u = rng.random(num_experts)
+    a = 1.0 - alpha
+    weights = ((high**a - low**a) * u + low**a) ** (1.0 / a)
+    counts = np.round(weights / weights.sum() * total).astype(np.int64)
+    overflow = int(np.clip(counts - tokens, 0, None).sum())
+    counts = np.minimum(counts, tokens)
+    if overflow:
+        counts = _give_back(counts, ep, overflow, +1, tokens)
+    delta = total - int(counts.sum())
+    if delta:
+        counts = _give_back(counts, ep, abs(delta), 1 if delta > 0 else -1, tokens)
+    per_rank = counts.reshape(ep, -1)
+    heaviest = int(per_rank.sum(axis=1).argmax())
+    if heaviest:
+        per_rank[[0, heaviest]] = per_rank[[heaviest, 0]]
+    return per_rank.reshape(-1)
+
+
+def counts_from_trace(path: str | Path, num_experts: int, *, layer: int | None = None) -> np.ndarray:
+    """Mean tokens-per-expert fractions of a trace file, as a float array summing to 1.
+
+    Reads moesim's native ``.npz`` (``counts`` ``[steps, layers, experts]`` or ``topk_ids``
+    ``[tokens, layers, k]``). ``layer`` picks one layer; by default all layers are pooled.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "counts" in data:
+                counts = np.asarray(data["counts"], dtype=np.float64)
+                if counts.ndim != 3:
+                    raise InputError(f"'counts' has shape {counts.shape}; expected [steps, layers, experts]", source=str(path))
+                per_layer = counts.sum(axis=0)
+            elif "topk_ids" in data:
+                ids = np.asarray(data["topk_ids"])
+                if ids.ndim != 3:
+                    raise InputError(f"'topk_ids' has shape {ids.shape}; expected [tokens, layers, k]", source=str(path))
+                if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+                    raise InputError(f"'topk_ids' holds expert ids outside [0, {num_experts})", source=str(path))
+                per_layer = np.stack([np.bincount(ids[:, l, :].ravel(), minlength=num_experts) for l in range(ids.shape[1])]).astype(np.float64)
+            else:
+                raise InputError("expected an array named 'counts' or 'topk_ids'", source=str(path))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"not a readable .npz trace ({exc.__class__.__name__})", source=str(path)) from None
+    if per_layer.shape[1] != num_experts:
+        raise InputError(f"trace has {per_layer.shape[1]} experts per layer; the model has {num_experts}", source=str(path))
+    if layer is not None:
+        if not 0 <= layer < per_layer.shape[0]:
+            raise InputError(f"layer {layer} out of range: the trace has {per_layer.shape[0]}", source=str(path))
+        per_layer = per_layer[layer : layer + 1]
+    pooled = per_layer.sum(axis=0)
+    if pooled.sum() <= 0:
+        raise InputError("trace holds no routed tokens", source=str(path))
+    return pooled / pooled.sum()
+
+
+def counts_from_fractions(fractions: np.ndarray, tokens: int, top_k: int) -> np.ndarray:
+    """Integer tokens per expert for ``tokens * top_k`` slots split by ``fractions``
+    (largest-remainder rounding; no expert above ``tokens``)."""
+    total = tokens * top_k
+    raw = np.asarray(fractions, dtype=np.float64) * total
+    counts = np.minimum(np.floor(raw).astype(np.int64), tokens)
+    order = np.argsort(-(raw - counts), kind="stable")
+    short = total - int(counts.sum())
+    i = 0
+    while short > 0 and i < 4 * len(order) + total:
+        e = order[i % len(order)]
+        if counts[e] < tokens:
+            counts[e] += 1
+            short -= 1
+        i += 1
+    return counts
+
+
+def parse_routing(spec: str, tokens: int, num_experts: int, top_k: int, *, ep: int = 1, seed: int = 0) -> np.ndarray:
+    """Tokens per expert from a command-line routing spec: ``balanced``, ``power_law:ALPHA``
+    or a path to a ``.npz`` trace."""
+    if spec == "balanced":
+        return balanced_counts(tokens, num_experts, top_k)
+    if spec.startswith("power_law"):
+        _, _, value = spec.partition(":")
+        try:
+            alpha = float(value or 1.2)
+        except ValueError:
+            raise InputError(f"cannot read {spec!r}: expected power_law:ALPHA, e.g. power_law:1.2", field="--routing") from None
+        return power_law_counts(tokens, num_experts, top_k, alpha, ep=ep, rng=np.random.default_rng(seed))
+    if spec.endswith(".npz"):
+        return counts_from_fractions(counts_from_trace(spec, num_experts), tokens, top_k)
+    raise InputError(f"cannot read {spec!r}: expected balanced, power_law:ALPHA or a .npz trace", field="--routing")
