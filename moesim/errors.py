@@ -58,15 +58,18 @@ class LayoutError(MoesimError):
     """A parallel layout that cannot be built for this model and cluster."""
 
 
-def from_validation(exc, source: str | None) -> MoesimError:
+def from_validation(exc, source: str | None, *, tags: tuple[str, ...] = ()) -> MoesimError:
     """Turn a pydantic ``ValidationError`` into one :class:`InputError` for its first problem.
 
     The field path is written dotted (``memory.bandwidth``, ``devices[0].count``) so it can be
-    found in the YAML file it came from.
+    found in the YAML file it came from; ``tags`` are discriminator values pydantic puts in the
+    path of a tagged union, which are not in the file and are dropped.
     """
     first = exc.errors()[0]
     parts: list[str] = []
     for item in first.get("loc", ()):
+        if item in tags:
+            continue
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:

@@ -87,12 +87,11 @@ class ModelArch:
     """A model's architecture.
 
     ``layers`` lists every block in execution order (encoder first for encoder-decoder
-    models). ``dense_residual_inter`` is Arctic's dense MLP that runs beside the MoE block in
-    every layer. ``published_total`` / ``published_active`` are the vendor's parameter counts
-    (for checking), in parameters.
+    models). ``dense_residual_inter`` is the intermediate size of a dense MLP that every MoE
+    layer runs in addition to its MoE block (Arctic's residual MLP runs beside it, OpenMoE's "extra"
+    MLP after it: the same parameters and FLOPs either way). ``published_total`` /
+    ``published_active`` are the vendor's parameter counts (for checking), in parameters.
 
-    ``dense_residual_inter`` applies to MoE layers only (Arctic runs its residual MLP beside the
-    MoE block; OpenMoE runs an "extra" MLP after it: same parameters and FLOPs either way).
     ``vision_params`` are the parameters of a vision encoder and projector outside ``layers``
     (Llama-4): part of the total, never of a text token's active count. ``active_counts_embedding``
     says whether the vendor's active-parameter figure includes the input embedding table:

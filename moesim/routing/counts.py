@@ -38,30 +38,69 @@ def balanced_ids(tokens: int, num_experts: int, top_k: int) -> np.ndarray:
 
 def balanced_counts(tokens: int, num_experts: int, top_k: int) -> np.ndarray:
     """Tokens per expert of :func:`balanced_ids`: equal when ``tokens * top_k`` is a multiple of
-    ``num_experts``."""
-    return np.bincount(balanced_ids(tokens, num_experts, top_k).ravel(), minlength=num_experts).astype(np.int64)
+    ``num_experts``. Counted in closed form for long batches (each choice ``j`` covers whole
+    cycles of the experts plus a run of ``tokens % num_experts`` starting at ``j * stride``)."""
+    stride = -(-num_experts // top_k)
+    if tokens < stride:
+        return np.bincount(balanced_ids(tokens, num_experts, top_k).ravel(), minlength=num_experts).astype(np.int64)
+    counts = np.full(num_experts, top_k * (tokens // num_experts), dtype=np.int64)
+    run = np.arange(tokens % num_experts)
+    for j in range(top_k):
+        np.add.at(counts, (run + j * stride) % num_experts, 1)
+    return counts
+
+
+def _level(values: np.ndarray, amount: int, cap: int) -> np.ndarray:
+    """Add ``amount`` units to ``values`` one at a time, each to the smallest value below ``cap``
+    (the lowest index on a tie), in closed form: raise everything below a level ``L`` to ``L``,
+    then give the rest one each to the values at ``L`` in index order."""
+    values = values.copy()
+    room = int(np.clip(cap - values, 0, None).sum())
+    amount = min(amount, room)
+    if amount <= 0:
+        return values
+    low, high = int(values.min()), cap
+    while low < high:  # the highest level whose fill does not exceed the amount
+        mid = (low + high + 1) // 2
+        if int(np.clip(mid - values, 0, None).sum()) <= amount:
+            low = mid
+        else:
+            high = mid - 1
+    filled = np.maximum(values, low)
+    rest = amount - int((filled - values).sum())
+    at_level = np.flatnonzero((filled == low) & (filled < cap))
+    filled[at_level[:rest]] += 1
+    return filled
 
 
 def _give_back(counts: np.ndarray, ep: int, remaining: int, step: int, cap: int) -> np.ndarray:
     """Add (``step`` = 1) or remove (-1) ``remaining`` tokens one at a time, visiting EP ranks in
-    turn and picking each rank's least (when adding) or most (when removing) loaded expert that
-    can still move."""
-    per_rank = counts.reshape(ep, -1)
+    turn and giving each rank's least (adding) or taking from its most (removing) loaded expert
+    that can still move. Ranks share the tokens round-robin; inside a rank the one-at-a-time
+    rule is applied in closed form by :func:`_level` (removal is adding to the negated loads)."""
+    per_rank = counts.reshape(ep, -1).copy()
+    room = (np.clip(cap - per_rank, 0, None) if step > 0 else per_rank).sum(axis=1)
+    # Whole rounds give one token to every rank with room, until a rank fills up or the
+    # tokens run short; a last partial round serves the open ranks in order.
+    level = 0
+    extra = np.zeros(ep, dtype=np.int64)
     while remaining > 0:
-        moved = False
-        for rank in range(ep):
-            local = per_rank[rank]
-            valid = np.flatnonzero(local < cap) if step > 0 else np.flatnonzero(local > 0)
-            if valid.size == 0:
-                continue
-            pick = valid[np.argmin(local[valid])] if step > 0 else valid[np.argmax(local[valid])]
-            local[pick] += step
-            remaining -= 1
-            moved = True
-            if remaining == 0:
-                break
-        if not moved:
+        open_ranks = np.flatnonzero(room > level)
+        if open_ranks.size == 0:
             break
+        rounds = min(int(room[open_ranks].min()) - level, remaining // open_ranks.size)
+        if rounds == 0:
+            extra[open_ranks[:remaining]] = 1
+            break
+        level += rounds
+        remaining -= rounds * open_ranks.size
+    share = np.minimum(room, level) + extra
+    for rank in range(ep):
+        if share[rank]:
+            if step > 0:
+                per_rank[rank] = _level(per_rank[rank], int(share[rank]), cap)
+            else:
+                per_rank[rank] = -_level(-per_rank[rank], int(share[rank]), 0)
     return per_rank.reshape(-1)
 
 

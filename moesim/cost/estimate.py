@@ -1,0 +1,388 @@
+"""``moesim estimate``: will a model fit a layout, and how fast will it serve, from the cost model.
+
+The estimate follows one device of the busiest pipeline stage through one prefill step (every
+sequence of its data-parallel replica prefills its prompt at once) and one decode step (every
+sequence adds a token, with the KV cache at its mid-generation length). Per layer it sums the
+operators that device runs (norms, projections, attention, TP all-reduce, router, dispatch and
+combine all-to-all, expert GEMMs on the straggler EP rank, shared experts); layers of one kind
+cost the same, so each kind is costed once and multiplied.
+
+Throughput assumes ``pp`` micro-batches keep every stage busy, so a step completes every
+``max stage time``; latency (TTFT, TPOT) is the sum over stages plus stage-to-stage transfers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moesim.cost.attention import decode_attention_time, mla_decode_time, prefill_attention_time
+from moesim.cost.collectives import all_reduce_time, all_to_all_time, transfer_time
+from moesim.cost.gemm import gemm_time
+from moesim.cost.layout import Layout
+from moesim.cost.moe import moe_layer_time, weight_bytes_per_param
+from moesim.cost.roofline import OpCost, canonical_dtype, combine, dtype_bytes, elementwise
+from moesim.hardware.specs import Cluster
+from moesim.hardware.topology import accelerators, topology
+from moesim.models import activation_bytes, kv_bytes, param_counts
+from moesim.models.arch import Layer, ModelArch
+from moesim.routing.counts import parse_routing
+
+# CUDA context, NCCL buffers and allocator slack a serving engine holds beyond weights, KV and
+# activations. Source: ai-dynamo/aiconfigurator systems/h100_sxm.yaml (misc.other_mem 3.5 GiB,
+# "increase from 551MB ... for safer deployment") - shared/data/aiconfigurator.
+FRAMEWORK_RESERVE = 3.5 * 2**30
+
+
+@dataclass
+class Workload:
+    """``batch`` concurrent sequences in all (split over DP replicas), ``prompt`` and ``output``
+    tokens each; ``routing`` a spec for :func:`moesim.routing.counts.parse_routing`."""
+
+    batch: int
+    prompt: int
+    output: int
+    routing: str = "balanced"
+    seed: int = 0
+
+
+@dataclass
+class Estimate:
+    model: str
+    cluster: str
+    layout: Layout
+    workload: Workload
+    dtype: str
+    expert_dtype: str
+    kv_dtype: str
+    memory: dict[str, float]
+    prefill_layers: dict[str, OpCost]
+    decode_layers: dict[str, OpCost]
+    layer_counts: dict[str, int]
+    prefill_step: float
+    decode_step: float
+    prefill_interval: float
+    decode_interval: float
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["free"] >= 0
+
+    @property
+    def ttft(self) -> float:
+        return self.prefill_step
+
+    @property
+    def tpot(self) -> float:
+        return self.decode_step
+
+    @property
+    def e2e_latency(self) -> float:
+        return self.prefill_step + max(0, self.workload.output - 1) * self.decode_step
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generated tokens per second, whole layout, in steady decode."""
+        return self.layout.dp * self.per_replica_batch / self.decode_interval
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.layout.dp * self.per_replica_batch * self.workload.prompt / self.prefill_interval
+
+    @property
+    def per_replica_batch(self) -> int:
+        return -(-self.workload.batch // self.layout.dp)
+
+    def bottleneck(self, phase: str = "decode") -> str:
+        """'compute', 'HBM', 'interconnect' or 'launch overhead': what the step's time is mostly
+        spent on, summed over its layers."""
+        layers = self.decode_layers if phase == "decode" else self.prefill_layers
+        totals = {"compute": 0.0, "HBM": 0.0, "interconnect": 0.0, "launch overhead": 0.0}
+        label = {"compute": "compute", "memory": "HBM", "communication": "interconnect", "launch": "launch overhead"}
+        for kind, cost in layers.items():
+            for op in _leaves(cost):
+                totals[label[op.bound]] += op.time * self.layer_counts.get(kind, 1)
+        return max(totals, key=totals.get)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "cluster": self.cluster,
+            "layout": self.layout.to_dict(),
+            "workload": vars(self.workload),
+            "dtypes": {"weights": self.dtype, "experts": self.expert_dtype, "kv_cache": self.kv_dtype},
+            "fits": self.fits,
+            "memory_per_device_bytes": self.memory,
+            "layer_counts": self.layer_counts,
+            "prefill": {
+                "layers": {k: v.to_dict() for k, v in self.prefill_layers.items()},
+                "step_s": self.prefill_step,
+                "ttft_s": self.ttft,
+                "tokens_per_s": self.prefill_tokens_per_s,
+                "bottleneck": self.bottleneck("prefill"),
+            },
+            "decode": {
+                "layers": {k: v.to_dict() for k, v in self.decode_layers.items()},
+                "step_s": self.decode_step,
+                "tpot_s": self.tpot,
+                "tokens_per_s": self.decode_tokens_per_s,
+                "tokens_per_s_per_device": self.decode_tokens_per_s / self.layout.devices,
+                "bottleneck": self.bottleneck("decode"),
+            },
+            "e2e_latency_s": self.e2e_latency,
+            **self.extras,
+        }
+
+
+def _leaves(cost: OpCost):
+    if not cost.parts:
+        yield cost
+    for part in cost.parts:
+        yield from _leaves(part)
+
+
+def _layer_kind(layer: Layer) -> str:
+    kind = "moe" if layer.moe else "dense"
+    return f"{kind}+window{layer.window}" if layer.window else kind
+
+
+class _Costing:
+    """What one device of the layout spends on each operator; holds the shared context."""
+
+    def __init__(self, arch: ModelArch, cluster: Cluster, layout: Layout, workload: Workload, dtype: str, expert_dtype: str, kv_dtype: str):
+        self.arch, self.layout, self.workload = arch, layout, workload
+        self.dtype, self.expert_dtype, self.kv_dtype = dtype, expert_dtype, kv_dtype
+        self.graph = topology(cluster.name) if cluster.name else topology(cluster)
+        self.ranks = accelerators(self.graph)
+        self.device = self.graph.nodes[self.ranks[0]]["spec"]
+        self.stage = self.ranks[: layout.stage_devices]
+        self.tp_group = self.stage[: layout.tp]
+        att = arch.attention
+        self.heads = att.num_heads // layout.tp
+        self.kv_heads = max(1, att.num_kv_heads // layout.tp) if att.kind != "mla" else 1
+        self.act_bytes = dtype_bytes("bf16")
+
+    # -- dense pieces -------------------------------------------------------------------------
+    def _gemm(self, name: str, tokens: int, n: int, k: int, dtype: str | None = None) -> OpCost:
+        return gemm_time(self.device, max(tokens, 1), n, k, dtype or self.dtype, name=name)
+
+    def _tp_all_reduce(self, tokens: int) -> OpCost | None:
+        if self.layout.tp == 1:
+            return None
+        cost = all_reduce_time(self.graph, self.tp_group, tokens * self.arch.hidden * self.act_bytes)
+        cost.name = "tp_all_reduce"
+        return cost
+
+    def attention(self, layer: Layer, batch: int, new_tokens: int, kv_len: int) -> list[OpCost]:
+        """Norm, projections, attention core and TP all-reduce for ``batch`` sequences adding
+        ``new_tokens`` each over a cache of ``kv_len`` (prefill: ``kv_len == new_tokens``)."""
+        arch, att, h = self.arch, self.arch.attention, self.arch.hidden
+        tokens = batch * new_tokens
+        ops = [elementwise(self.device, "input_norm", tokens * h, "bf16", reads=1, writes=1, flops_per_element=4)]
+        prefill = new_tokens > 1
+        if att.kind == "mla":
+            q_dim = att.qk_nope_head_dim + att.qk_rope_head_dim
+            if att.q_lora_rank:
+                ops.append(self._gemm("q_down", tokens, att.q_lora_rank, h))
+                ops.append(self._gemm("q_up", tokens, self.heads * q_dim, att.q_lora_rank))
+            else:
+                ops.append(self._gemm("q_proj", tokens, self.heads * q_dim, h))
+            ops.append(self._gemm("kv_down", tokens, att.kv_lora_rank + att.qk_rope_head_dim, h))
+            if prefill:
+                ops.append(self._gemm("kv_up", tokens, self.heads * (att.qk_nope_head_dim + att.v_head_dim), att.kv_lora_rank))
+                ops.append(prefill_attention_time(self.device, batch, new_tokens, self.heads, self.heads, q_dim,
+                                                  v_head_dim=att.v_head_dim, efficiency=self.device.efficiency.mla_prefill,
+                                                  name="mla_prefill"))
+            else:
+                # Absorbed decode: queries pass through W_UK per head, outputs through W_UV.
+                ops.append(self._gemm("q_absorb", tokens * self.heads, att.kv_lora_rank, att.qk_nope_head_dim))
+                ops.append(mla_decode_time(self.device, batch, kv_len, self.heads, att.kv_lora_rank, att.qk_rope_head_dim,
+                                           kv_dtype=self.kv_dtype))
+                ops.append(self._gemm("v_absorb", tokens * self.heads, att.v_head_dim, att.kv_lora_rank))
+            ops.append(self._gemm("o_proj", tokens, h, self.heads * att.v_head_dim))
+        else:
+            d = att.head_dim
+            ops.append(self._gemm("qkv_proj", tokens, (self.heads + 2 * self.kv_heads) * d, h))
+            if prefill:
+                ops.append(prefill_attention_time(self.device, batch, new_tokens, self.heads, self.kv_heads, d, window=layer.window))
+            else:
+                ops.append(decode_attention_time(self.device, batch, kv_len, self.heads, self.kv_heads, d,
+                                                 window=layer.window, kv_dtype=self.kv_dtype))
+            ops.append(self._gemm("o_proj", tokens, h, self.heads * d))
+        reduce = self._tp_all_reduce(tokens)
+        return ops + ([reduce] if reduce else [])
+
+    def dense_ffn(self, tokens: int, inter: int, name: str = "dense_ffn") -> list[OpCost]:
+        h, tp = self.arch.hidden, self.layout.tp
+        shard = inter // tp
+        up = 2 * shard if self.arch.dense_gated else shard
+        ops = [self._gemm(f"{name}_up", tokens, up, h)]
+        ops.append(elementwise(self.device, f"{name}_act", tokens * shard, "bf16", reads=2, writes=1, flops_per_element=4))
+        ops.append(self._gemm(f"{name}_down", tokens, h, shard))
+        return ops
+
+    # -- MoE -----------------------------------------------------------------------------------
+    def moe(self, tokens: int) -> list[OpCost]:
+        """The MoE block on this stage for ``tokens`` tokens per DP replica."""
+        arch, moe, lay, h = self.arch, self.arch.moe, self.layout, self.arch.hidden
+        ops = [elementwise(self.device, "post_attn_norm", tokens * h, "bf16", reads=1, writes=1, flops_per_element=4)]
+        group_tokens = tokens * lay.dp
+        counts = parse_routing(self.workload.routing, group_tokens, moe.num_experts, moe.top_k, ep=lay.ep, seed=self.workload.seed)
+        ops.append(self._gemm("router", tokens, moe.num_experts, h, "bf16"))
+        if lay.ep == 1:
+            ops.append(moe_layer_time(self.device, counts, tokens=tokens, hidden=h, inter=moe.expert_inter, top_k=moe.top_k,
+                                      dtype=self.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated, router=False))
+        else:
+            ops.extend(self._expert_parallel(counts, group_tokens))
+        if moe.shared_inter:
+            ops.extend(self.dense_ffn(tokens, moe.shared_inter, "shared_expert"))
+        if arch.dense_residual_inter:
+            ops.extend(self.dense_ffn(tokens, arch.dense_residual_inter, "dense_residual"))
+        if lay.tp > 1 and (moe.shared_inter or arch.dense_residual_inter or lay.ep == 1):
+            ops.append(self._tp_all_reduce(tokens))
+        return ops
+
+    def _expert_parallel(self, counts: np.ndarray, group_tokens: int) -> list[OpCost]:
+        """Dispatch, expert compute on the straggler rank, combine (DeepEP-style all-to-all:
+        each rank receives only the slots of its own experts)."""
+        moe, lay, h = self.arch.moe, self.layout, self.arch.hidden
+        per_rank = moe.num_experts // lay.ep
+        rank_slots = counts.reshape(lay.ep, per_rank).sum(axis=1).astype(np.float64)
+        ep_group = self.stage[:: lay.expert_tp] if lay.expert_tp > 1 else self.stage
+        # Every source rank holds an equal share of the group's tokens and sends each slot to
+        # the rank of its expert; an expert-TP group receives the same slots on each member.
+        a2a_bytes = dtype_bytes("fp8" if canonical_dtype(self.expert_dtype) == "fp8" else "bf16")
+        dispatch = np.outer(np.full(lay.ep, 1.0 / lay.ep), rank_slots) * h * a2a_bytes
+        combine_m = dispatch.T * (dtype_bytes("bf16") / a2a_bytes)
+        ops = []
+        cost = all_to_all_time(self.graph, ep_group, dispatch, algorithm=self.a2a_algorithm(ep_group))
+        cost.name = "dispatch"
+        ops.append(cost)
+        worst = None
+        for rank in range(lay.ep):
+            local = counts[rank * per_rank : (rank + 1) * per_rank]
+            slots = int(local.sum())
+            t = moe_layer_time(self.device, local, tokens=max(slots, 1), hidden=h, inter=moe.expert_inter, top_k=1,
+                               dtype=self.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated, router=False)
+            if worst is None or t.time > worst.time:
+                worst, worst_rank = t, rank
+        worst.name = "experts"
+        worst.info.update(straggler_rank=worst_rank, slots_per_rank_max=float(rank_slots.max()),
+                          slots_per_rank_mean=float(rank_slots.mean()))
+        ops.append(worst)
+        cost = all_to_all_time(self.graph, ep_group, combine_m, algorithm=self.a2a_algorithm(ep_group))
+        cost.name = "combine"
+        ops.append(cost)
+        return ops
+
+    def a2a_algorithm(self, group: list[str]) -> str:
+        nodes = {self.graph.nodes[g]["node"] for g in group}
+        return "hierarchical" if len(nodes) > 1 else "flat"
+
+    # -- whole layers --------------------------------------------------------------------------
+    def layer(self, layer: Layer, batch: int, new_tokens: int, kv_len: int) -> OpCost:
+        tokens = batch * new_tokens
+        ops = self.attention(layer, batch, new_tokens, kv_len)
+        if layer.moe:
+            ops += self.moe(tokens)
+        else:
+            ops.append(elementwise(self.device, "post_attn_norm", tokens * self.arch.hidden, "bf16", reads=1, writes=1, flops_per_element=4))
+            ops += self.dense_ffn(tokens, layer.dense_inter)
+            reduce = self._tp_all_reduce(tokens)
+            if reduce:
+                ops.append(reduce)
+        return combine(_layer_kind(layer), ops)
+
+    def lm_head(self, batch: int) -> OpCost:
+        vocab_shard = -(-self.arch.vocab // self.layout.tp)
+        return combine("lm_head", [self._gemm("lm_head", batch, vocab_shard, self.arch.hidden)])
+
+
+def _memory(arch: ModelArch, layout: Layout, workload: Workload, device, dtype: str, expert_dtype: str, kv_dtype: str) -> dict[str, float]:
+    """Bytes per device on the busiest stage."""
+    counts = param_counts(arch)
+    parts = counts["breakdown"]
+    w = weight_bytes_per_param(dtype)
+    we = weight_bytes_per_param(expert_dtype)
+    per_stage_layers = -(-arch.num_layers // layout.pp)
+    stage_share = per_stage_layers / arch.num_layers
+    tp = layout.tp
+    dense = (parts.get("attention", 0) + parts.get("dense_ffn", 0) + parts.get("shared_experts", 0) + parts.get("norms", 0)) / tp
+    experts = parts.get("routed_experts", 0) / (layout.ep * layout.expert_tp)
+    router = parts.get("router", 0)
+    embed = (parts.get("embedding", 0) + parts.get("lm_head", 0)) / tp
+    if layout.pp > 1:
+        embed = max(parts.get("embedding", 0), parts.get("lm_head", 0)) / tp
+    weights = (dense + router) * stage_share * w + experts * stage_share * we + embed * w
+    per_replica = -(-workload.batch // layout.dp)
+    context = workload.prompt + workload.output
+    att = arch.attention
+    kv_split = 1 if att.kind == "mla" else att.num_kv_heads / max(1, att.num_kv_heads // tp)
+    kv = per_replica * kv_bytes(arch, context, kv_dtype) * stage_share / kv_split
+    # The prefill step is the peak: every prompt token in flight, one row of logits per sequence.
+    activations = activation_bytes(arch, per_replica * workload.prompt, "bf16", logit_tokens=per_replica) / tp
+    capacity = device.memory.capacity
+    used = weights + kv + activations + FRAMEWORK_RESERVE
+    return {
+        "capacity": capacity,
+        "weights": weights,
+        "kv_cache": kv,
+        "activations": activations,
+        "reserved": FRAMEWORK_RESERVE,
+        "free": capacity - used,
+    }
+
+
+def estimate(
+    arch: ModelArch,
+    cluster: Cluster,
+    layout: Layout,
+    workload: Workload,
+    *,
+    dtype: str = "bf16",
+    expert_dtype: str | None = None,
+    kv_dtype: str | None = None,
+) -> Estimate:
+    """Memory fit, per-layer operator times and step times of ``arch`` on ``cluster`` with
+    ``layout`` serving ``workload`` (see the module docstring for what is assumed)."""
+    expert_dtype = expert_dtype or dtype
+    kv_dtype = kv_dtype or ("bf16" if canonical_dtype(dtype) in ("int4", "fp4") else canonical_dtype(dtype))
+    if canonical_dtype(kv_dtype) not in ("bf16", "fp16", "fp8"):
+        kv_dtype = "bf16"
+    costing = _Costing(arch, cluster, layout, workload, dtype, expert_dtype, kv_dtype)
+    batch = costing_batch = -(-workload.batch // layout.dp)
+    kinds: dict[str, Layer] = {}
+    counts: dict[str, int] = {}
+    for layer in arch.layers:
+        kind = _layer_kind(layer)
+        kinds.setdefault(kind, layer)
+        counts[kind] = counts.get(kind, 0) + 1
+    mid_kv = workload.prompt + max(1, workload.output // 2)
+    prefill = {k: costing.layer(l, costing_batch, workload.prompt, workload.prompt) for k, l in kinds.items()}
+    decode = {k: costing.layer(l, costing_batch, 1, mid_kv) for k, l in kinds.items()}
+    prefill["lm_head"] = costing.lm_head(batch)
+    decode["lm_head"] = costing.lm_head(batch)
+    counts["lm_head"] = 1
+
+    def totals(layers: dict[str, OpCost], new_tokens: int) -> tuple[float, float]:
+        model_time = sum(layers[k].time * n for k, n in counts.items())
+        stage_time = model_time / layout.pp
+        hop = 0.0
+        if layout.pp > 1:
+            hop = transfer_time(costing.graph, costing.ranks[0], costing.ranks[layout.stage_devices],
+                                batch * new_tokens * arch.hidden * 2).time
+        return model_time + (layout.pp - 1) * hop, stage_time + hop
+
+    prefill_step, prefill_interval = totals(prefill, workload.prompt)
+    decode_step, decode_interval = totals(decode, 1)
+    memory = _memory(arch, layout, workload, costing.device, dtype, expert_dtype, kv_dtype)
+    return Estimate(
+        model=arch.name, cluster=cluster.name, layout=layout, workload=workload,
+        dtype=dtype, expert_dtype=expert_dtype, kv_dtype=kv_dtype, memory=memory,
+        prefill_layers=prefill, decode_layers=decode, layer_counts=counts,
+        prefill_step=prefill_step, decode_step=decode_step,
+        prefill_interval=prefill_interval, decode_interval=decode_interval,
+        extras={"device": costing.device.name, "price_per_hour": costing.device.price_per_hour * layout.devices},
+    )

@@ -1,0 +1,1 @@
+"""Scenario files: the YAML a user writes to describe one what-if question."""
