@@ -29,8 +29,11 @@ class MoesimError(Exception):
         return f"{where}: {self.message}" if where else self.message
 
 
-class InputError(MoesimError):
-    """A value that does not parse or is out of range."""
+class InputError(MoesimError, ValueError):
+    """A value that does not parse or is out of range.
+
+    A ``ValueError`` too, so a unit that fails to parse inside a pydantic validator is reported
+    by pydantic with the path of the field it was in."""
 
 
 class UnknownNameError(MoesimError):

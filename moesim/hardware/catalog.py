@@ -35,8 +35,6 @@ def _read(path: Path, kind: str):
         return (Link if kind == "links" else Cluster).model_validate(raw)
     except ValidationError as exc:
         raise from_validation(exc, str(path), tags=("gpu", "npu", "cpu", "ssd")) from None
-    except InputError as exc:  # a unit that does not parse, raised inside a validator
-        raise InputError(exc.message, source=str(path)) from None
 
 
 @lru_cache(maxsize=None)

@@ -86,6 +86,8 @@ def from_hf_config(config: dict, name: str, source: str = "") -> ModelArch:
         raise InputError(f"model_type {shown} is not a known MoE family; known: {known}", source=where)
     try:
         return parse(_Config(config, model_type, where), name, source)
+    except InputError:
+        raise
     except (TypeError, ValueError, ZeroDivisionError) as exc:  # e.g. "hidden_size": "big", or 0 heads
         raise InputError(f"model_type {model_type!r}: a value has the wrong type or size ({exc})",
                          source=where) from None

@@ -160,6 +160,8 @@ def counts_from_trace(path: str | Path, num_experts: int, *, layer: int | None =
                 per_layer = np.stack([np.bincount(ids[:, l, :].ravel(), minlength=num_experts) for l in range(ids.shape[1])]).astype(np.float64)
             else:
                 raise InputError("expected an array named 'counts' or 'topk_ids'", source=str(path))
+    except InputError:
+        raise
     except (OSError, ValueError) as exc:
         raise InputError(f"not a readable .npz trace ({exc.__class__.__name__})", source=str(path)) from None
     if per_layer.shape[1] != num_experts:
