@@ -10,7 +10,8 @@ from moesim.cost.attention import decode_attention_time, mla_decode_time, mla_pr
 from moesim.cost.collectives import all_gather_time, all_reduce_time, all_to_all_time, reduce_scatter_time, transfer_time, uniform_matrix
 from moesim.cost.gemm import gemm_time
 from moesim.cost.moe import moe_layer_time
-from moesim.cost.roofline import OpCost, canonical_dtype
+from moesim.cost.roofline import OpCost
+from moesim.dtypes import canonical_dtype
 from moesim.errors import InputError
 from moesim.hardware import catalog
 from moesim.hardware.specs import Accelerator, Cpu
@@ -28,8 +29,8 @@ def _size(text: str) -> float:
 def _dtype(text: str) -> str:
     try:
         canonical_dtype(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
     return text
 
 

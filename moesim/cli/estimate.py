@@ -6,7 +6,7 @@ from moesim import units
 from moesim.cli.output import add_json_options, console, emit_json, table
 from moesim.cost.estimate import Workload, estimate
 from moesim.cost.layout import make_layout
-from moesim.cost.roofline import canonical_dtype
+from moesim.dtypes import canonical_dtype
 from moesim.errors import InputError
 from moesim.hardware import catalog
 from moesim.hardware.specs import Accelerator
@@ -92,8 +92,8 @@ def run(args) -> int:
 def _check_dtype(value: str, field: str) -> None:
     try:
         canonical_dtype(value)
-    except ValueError as exc:
-        raise InputError(str(exc), field=field) from None
+    except InputError as exc:
+        raise InputError(exc.message, field=field) from None
 
 
 def _print(r) -> None:

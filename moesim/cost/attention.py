@@ -14,7 +14,8 @@ keys of ``qk_nope + qk_rope`` and values of ``v_head_dim``.
 
 from __future__ import annotations
 
-from moesim.cost.roofline import OpCost, dtype_bytes, kernel
+from moesim.cost.roofline import OpCost, kernel
+from moesim.dtypes import dtype_bytes
 
 
 def _keys_seen(seq: int, window: int | None, block: int = 128) -> float:

@@ -21,8 +21,9 @@ from moesim.cost.attention import decode_attention_time, mla_decode_time, prefil
 from moesim.cost.collectives import all_reduce_time, all_to_all_time, transfer_time
 from moesim.cost.gemm import gemm_time
 from moesim.cost.layout import Layout
-from moesim.cost.moe import moe_layer_time, weight_bytes_per_param
-from moesim.cost.roofline import OpCost, canonical_dtype, combine, dtype_bytes, elementwise
+from moesim.cost.moe import moe_layer_time
+from moesim.cost.roofline import OpCost, combine, elementwise
+from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 from moesim.hardware.specs import Cluster
 from moesim.hardware.topology import accelerators, topology
 from moesim.models import activation_bytes, kv_bytes, param_counts

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 
-from moesim.cost.roofline import OpCost, canonical_dtype, combine, dtype_bytes, elementwise, kernel
+from moesim.cost.roofline import OpCost, combine, elementwise, kernel
+from moesim.dtypes import canonical_dtype, dtype_bytes
 
 
 def _tile(size: int, largest: int, smallest: int) -> int:

@@ -25,21 +25,8 @@ import math
 import numpy as np
 
 from moesim.cost.gemm import _tile, gemm_time, wave_efficiency
-from moesim.cost.roofline import OpCost, canonical_dtype, combine, dtype_bytes, elementwise, kernel
-
-# Per-parameter scale overhead of quantised expert weights, in bytes: int4 with one bf16 scale
-# per group of 128 (GPTQ / AWQ / Marlin), fp8 with one fp32 scale per 128 x 128 block
-# (DeepSeek-V3 "fp8_block").
-_SCALE_BYTES = {"int4": 2.0 / 128, "fp4": 1.0 / 16, "fp8_block": 4.0 / (128 * 128)}
-
-
-def weight_bytes_per_param(dtype: str) -> float:
-    """Bytes one expert weight takes in ``dtype`` (a kernel variant such as 'fp8_block' or
-    'int4_wo' included), scales counted."""
-    variant = dtype.lower()
-    base = canonical_dtype(variant)
-    return dtype_bytes(base) + _SCALE_BYTES.get(variant, _SCALE_BYTES.get(base, 0.0))
-
+from moesim.cost.roofline import OpCost, combine, elementwise, kernel
+from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 
 def grouped_gemm(
     device,

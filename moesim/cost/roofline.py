@@ -10,47 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DTYPE_BYTES = {
-    "fp64": 8.0,
-    "fp32": 4.0,
-    "tf32": 4.0,
-    "bf16": 2.0,
-    "fp16": 2.0,
-    "fp8": 1.0,
-    "int8": 1.0,
-    "fp6": 0.75,
-    "fp4": 0.5,
-    "int4": 0.5,
-}
-
-# Names the measured tables and serving engines use for the same dtypes.
-DTYPE_ALIASES = {
-    "bfloat16": "bf16",
-    "float16": "fp16",
-    "half": "fp16",
-    "float32": "fp32",
-    "float": "fp32",
-    "fp8_block": "fp8",
-    "fp8_e4m3": "fp8",
-    "int4_wo": "int4",
-    "int8_wo": "int8",
-    "nvfp4": "fp4",
-    "mxfp4": "fp4",
-}
-
-
-def canonical_dtype(dtype: str) -> str:
-    """'bfloat16' -> 'bf16' and so on; raises ValueError for a name it does not know."""
-    name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
-    return name
-
-
-def dtype_bytes(dtype: str) -> float:
-    """Bytes per element of ``dtype``."""
-    return DTYPE_BYTES[canonical_dtype(dtype)]
-
+from moesim.dtypes import dtype_bytes
 
 @dataclass
 class OpCost:

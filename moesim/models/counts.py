@@ -6,35 +6,12 @@ a vendor's figure: the presets' published counts only check these.
 
 from __future__ import annotations
 
+from moesim.dtypes import dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
 from moesim.models.arch import Attention, ModelArch
 
-# Bytes per element of each storage type.
-_BYTES = {"fp64": 8.0, "fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0,
-          "fp8": 1.0, "int8": 1.0, "fp6": 0.75, "fp4": 0.5, "int4": 0.5}
-
-# Bytes of scale factors per weight in the block-quantised formats checkpoints ship:
-# fp8  one fp32 scale per 128x128 block (DeepSeek-V3 / Kimi-K2 "weight_block_size": [128, 128]);
-# fp6, fp4  one E8M0 byte per 32 weights (OCP microscaling MXFP6 / MXFP4, as GPT-OSS's experts);
-# int4 one bf16 scale per group of 128 (GPTQ / AWQ style, symmetric; Kimi-K2-Thinking uses 32).
-# int8 keeps one scale per output channel: under 0.1% of the weights, left out.
-_SCALES = {"fp8": 4 / (128 * 128), "fp6": 1 / 32, "fp4": 1 / 32, "int4": 2 / 128}
-
 BREAKDOWN = ("embedding", "lm_head", "attention", "dense_ffn", "routed_experts", "shared_experts",
              "router", "norms", "vision")
-
-
-def dtype_bytes(dtype: str) -> float:
-    """Bytes per element of ``dtype`` (bf16 2, fp8 1, fp4 0.5 ...), without scale factors."""
-    try:
-        return _BYTES[dtype]
-    except KeyError:
-        raise InputError(f"unknown dtype {dtype!r}; known: {', '.join(_BYTES)}") from None
-
-
-def _weight_bytes(dtype: str) -> float:
-    """Bytes per stored weight of ``dtype``, block scale factors included."""
-    return dtype_bytes(dtype) + _SCALES.get(dtype, 0.0)
 
 
 def _ffn(hidden: int, inter: int, gated: bool, bias: bool = False) -> int:
@@ -150,8 +127,8 @@ def weight_bytes(arch: ModelArch, dtype: str = "bf16", expert_dtype: str | None 
     expert = counts["routed_experts"]
     small = counts["norms"] + counts["router"]
     rest = sum(counts.values()) - expert - small
-    non_expert = rest * _weight_bytes(dtype) + small * max(dtype_bytes(dtype), 2.0)
-    expert_bytes = expert * _weight_bytes(expert_dtype or dtype)
+    non_expert = rest * weight_bytes_per_param(dtype) + small * max(dtype_bytes(dtype), 2.0)
+    expert_bytes = expert * weight_bytes_per_param(expert_dtype or dtype)
     return {"total": non_expert + expert_bytes, "expert": expert_bytes, "non_expert": non_expert}
 
 
