@@ -1,0 +1,221 @@
+"""Routing profiles: the parameters of moesim's generative model of a router, and the tables
+both generator implementations (Numba and the NumPy reference) draw from.
+
+The model, per MoE layer and token:
+
+- **popularity**: each layer ranks its experts in a random order and gives rank ``r`` a weight
+  ``1 / (r + 1) ** skew`` (Zipf); ``skew`` 0 is uniform. A workload mixes ``domains``; each
+  domain keeps the layer's top ``committee`` share of experts in place (the "standing
+  committee" that takes most of the routing mass across domains) and reshuffles the rest.
+  Popularity ``drift``s: every ``drift_interval`` tokens the log-weights take a Gaussian step.
+- **temporal locality**: with probability ``locality`` a token's ``j``-th choice repeats the
+  previous token's ``j``-th choice at that layer (same sequence).
+- **cross-layer affinity**: with probability ``affinity`` the ``j``-th choice at layer ``l + 1``
+  is one of ``fanout`` preferred successors of the token's ``j``-th expert at layer ``l``.
+- **routing algorithm**: token-choice top-k; group-limited top-k (``n_group`` groups of
+  contiguous experts, each token first picks ``topk_group`` groups by their mass); grouped
+  experts (MoGE: ``top_k / n_group`` experts from every group); dynamic-k (stop once the chosen
+  experts hold ``dynamic_threshold`` of the mass); null experts (a choice is a zero-compute
+  expert with probability ``null_rate``); capacity factor with dropping; expert choice; hash.
+
+Traces mark "no expert" (dropped, null, or an unused dynamic-k slot) as -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numba
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Algorithm = Literal["token_choice", "group_limited", "grouped", "dynamic_k", "expert_choice", "hash"]
+
+
+class RoutingProfile(BaseModel):
+    """Parameters of the generative routing model (see the module docstring).
+
+    Per-layer parameters (``skew``, ``locality``, ``affinity``) take one value for every layer
+    or a list with one value per MoE layer.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "custom"
+    num_experts: int = Field(gt=0)
+    top_k: int = Field(gt=0)
+    num_layers: int = Field(gt=0, description="MoE layers")
+    algorithm: Algorithm = "token_choice"
+    skew: float | list[float] = Field(1.0, description="Zipf exponent of expert popularity (0 = uniform)")
+    locality: float | list[float] = Field(0.0, description="probability a choice repeats the previous token's")
+    affinity: float | list[float] = Field(0.0, description="probability a choice follows the previous layer's expert")
+    fanout: int = Field(4, gt=0, description="preferred successors per expert")
+    domains: int = Field(1, gt=0)
+    committee: float = Field(0.25, ge=0, le=1, description="share of top experts every domain keeps")
+    drift: float = Field(0.0, ge=0, description="std of the log-popularity step per drift interval")
+    drift_interval: int = Field(10_000, gt=0, description="tokens between popularity steps")
+    seq_len: int = Field(512, gt=0, description="mean tokens per sequence (geometric)")
+    n_group: int = Field(1, gt=0)
+    topk_group: int = Field(1, gt=0)
+    dynamic_threshold: float = Field(0.5, gt=0, le=1)
+    null_rate: float = Field(0.0, ge=0, lt=1)
+    capacity_factor: float | None = Field(None, gt=0)
+    capacity_batch: int = Field(1024, gt=0, description="tokens per step for capacity and expert choice")
+    num_shared: int = Field(0, ge=0, description="shared experts: always active, not in the trace")
+    vocab: int = Field(32_000, gt=0, description="hash routing: token ids drawn from a Zipf vocabulary")
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        for name in ("skew", "locality", "affinity"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != self.num_layers:
+                raise ValueError(f"{name} lists {len(value)} values for {self.num_layers} layers")
+            values = value if isinstance(value, list) else [value]
+            if name != "skew" and any(not 0 <= v <= 1 for v in values):
+                raise ValueError(f"{name} must lie in [0, 1]")
+            if name == "skew" and any(v < 0 for v in values):
+                raise ValueError("skew must be >= 0")
+        if self.algorithm in ("group_limited", "grouped"):
+            if self.num_experts % self.n_group:
+                raise ValueError(f"n_group {self.n_group} does not divide {self.num_experts} experts")
+            if self.algorithm == "grouped" and self.top_k % self.n_group:
+                raise ValueError(f"grouped routing needs top_k divisible by n_group ({self.top_k} / {self.n_group})")
+            if self.algorithm == "group_limited":
+                if self.topk_group > self.n_group:
+                    raise ValueError(f"topk_group {self.topk_group} exceeds n_group {self.n_group}")
+                if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+                    raise ValueError("the chosen groups hold fewer experts than top_k")
+        return self
+
+    def per_layer(self, name: str) -> np.ndarray:
+        value = getattr(self, name)
+        return np.asarray(value if isinstance(value, list) else [value] * self.num_layers, dtype=np.float64)
+
+    def metadata(self) -> dict:
+        return self.model_dump()
+
+
+@dataclass(frozen=True)
+class Tables:
+    """What the samplers read, built once from a profile and a seed.
+
+    ``cdf[epoch, domain, layer, :]`` is the cumulative popularity (last entry 1);
+    ``successors[layer, expert, :]`` the preferred experts at ``layer + 1``;
+    ``seq_start`` the first token of each sequence (plus the total at the end) and
+    ``seq_domain`` each sequence's domain. ``alias_prob`` / ``alias_idx``
+    ``[epoch, domain, layer, group, expert in group]`` are Vose alias tables of the popularity
+    inside each group of contiguous experts (one group for ungrouped routing), so a draw costs
+    one comparison whatever the number of experts.
+    """
+
+    cdf: np.ndarray
+    alias_prob: np.ndarray
+    alias_idx: np.ndarray
+    successors: np.ndarray
+    seq_start: np.ndarray
+    seq_domain: np.ndarray
+    locality: np.ndarray
+    affinity: np.ndarray
+
+
+def _zipf_weights(n: int, skew: float) -> np.ndarray:
+    return 1.0 / np.arange(1, n + 1, dtype=np.float64) ** skew
+
+
+def build_tables(profile: RoutingProfile, tokens: int, seed: int) -> Tables:
+    """Popularity CDFs per (drift epoch, domain, layer), successor lists, and the split of
+    ``tokens`` into sequences with their domains, all drawn from ``seed``."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    E, L, D = profile.num_experts, profile.num_layers, profile.domains
+    skew = profile.per_layer("skew")
+    keep = int(round(profile.committee * E))
+    log_w = np.empty((D, L, E))
+    for layer in range(L):
+        ranks = rng.permutation(E)  # ranks[i]: the expert holding popularity rank i
+        weights = np.log(_zipf_weights(E, skew[layer]))
+        for domain in range(D):
+            order = ranks.copy()
+            if domain and keep < E:
+                order[keep:] = rng.permutation(order[keep:])
+            log_w[domain, layer, order] = weights
+    epochs = max(1, -(-tokens // profile.drift_interval)) if profile.drift else 1
+    steps = rng.normal(0.0, profile.drift, size=(epochs, D, L, E)) if profile.drift else np.zeros((epochs, D, L, E))
+    steps[0] = 0.0
+    walk = log_w[None] + np.cumsum(steps, axis=0)
+    p = np.exp(walk - walk.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(p / p.sum(axis=-1, keepdims=True), axis=-1)
+    cdf[..., -1] = 1.0
+    fan = min(profile.fanout, E)
+    successors = np.empty((max(L - 1, 1), E, fan), dtype=np.int32)
+    for layer in range(max(L - 1, 1)):
+        for expert in range(E):
+            successors[layer, expert] = rng.choice(E, size=fan, replace=False)
+    lengths = []
+    total = 0
+    while total < tokens:
+        length = int(min(rng.geometric(1.0 / profile.seq_len), tokens - total))
+        lengths.append(length)
+        total += length
+    seq_start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    seq_domain = rng.integers(0, D, size=len(lengths)).astype(np.int32)
+    groups = profile.n_group if profile.algorithm in ("group_limited", "grouped") else 1
+    weights = np.diff(cdf, axis=-1, prepend=0.0).reshape(*cdf.shape[:-1], groups, E // groups)
+    alias_prob, alias_idx = alias_tables(weights)
+    return Tables(cdf=np.ascontiguousarray(cdf), alias_prob=alias_prob, alias_idx=alias_idx, successors=successors,
+                  seq_start=seq_start, seq_domain=seq_domain,
+                  locality=profile.per_layer("locality"), affinity=profile.per_layer("affinity"))
+
+
+@numba.njit(cache=True)
+def _vose(weights, prob, alias):
+    """Vose's alias method for one row of non-negative ``weights``: drawing ``u`` in [0, 1),
+    ``i = int(u * n)``, ``f = u * n - i``, the outcome is ``i`` if ``f < prob[i]`` else
+    ``alias[i]``, with probability proportional to ``weights``."""
+    n = weights.size
+    total = weights.sum()
+    scaled = weights * (n / total) if total > 0 else np.ones(n)
+    small = np.empty(n, dtype=np.int64)
+    large = np.empty(n, dtype=np.int64)
+    ns = 0
+    nl = 0
+    for i in range(n):
+        if scaled[i] < 1.0:
+            small[ns] = i
+            ns += 1
+        else:
+            large[nl] = i
+            nl += 1
+    while ns > 0 and nl > 0:
+        ns -= 1
+        s = small[ns]
+        nl -= 1
+        big = large[nl]
+        prob[s] = scaled[s]
+        alias[s] = big
+        scaled[big] = scaled[big] + scaled[s] - 1.0
+        if scaled[big] < 1.0:
+            small[ns] = big
+            ns += 1
+        else:
+            large[nl] = big
+            nl += 1
+    for i in range(nl):
+        prob[large[i]] = 1.0
+        alias[large[i]] = large[i]
+    for i in range(ns):
+        prob[small[i]] = 1.0
+        alias[small[i]] = small[i]
+
+
+def alias_tables(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Alias tables over the last axis of ``weights`` (any leading shape)."""
+    rows = weights.reshape(-1, weights.shape[-1])
+    prob = np.empty(rows.shape)
+    alias = np.empty(rows.shape, dtype=np.int32)
+    for r in range(rows.shape[0]):
+        _vose(rows[r], prob[r], alias[r])
+    return prob.reshape(weights.shape), alias.reshape(weights.shape)
