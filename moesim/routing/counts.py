@@ -138,34 +138,14 @@ def power_law_counts(
 
 
 def counts_from_trace(path: str | Path, num_experts: int, *, layer: int | None = None) -> np.ndarray:
-    """Mean tokens-per-expert fractions of a trace file, as a float array summing to 1.
+    """Mean tokens-per-expert fractions of a native trace file (token or count level), as a
+    float array summing to 1. ``layer`` picks one layer; by default all layers are pooled."""
+    from moesim.routing.trace import load_trace
 
-    Reads moesim's native ``.npz`` (``counts`` ``[steps, layers, experts]`` or ``topk_ids``
-    ``[tokens, layers, k]``). ``layer`` picks one layer; by default all layers are pooled.
-    """
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "counts" in data:
-                counts = np.asarray(data["counts"], dtype=np.float64)
-                if counts.ndim != 3:
-                    raise InputError(f"'counts' has shape {counts.shape}; expected [steps, layers, experts]", source=str(path))
-                per_layer = counts.sum(axis=0)
-            elif "topk_ids" in data:
-                ids = np.asarray(data["topk_ids"])
-                if ids.ndim != 3:
-                    raise InputError(f"'topk_ids' has shape {ids.shape}; expected [tokens, layers, k]", source=str(path))
-                if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
-                    raise InputError(f"'topk_ids' holds expert ids outside [0, {num_experts})", source=str(path))
-                per_layer = np.stack([np.bincount(ids[:, l, :].ravel(), minlength=num_experts) for l in range(ids.shape[1])]).astype(np.float64)
-            else:
-                raise InputError("expected an array named 'counts' or 'topk_ids'", source=str(path))
-    except InputError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise InputError(f"not a readable .npz trace ({exc.__class__.__name__})", source=str(path)) from None
-    if per_layer.shape[1] != num_experts:
-        raise InputError(f"trace has {per_layer.shape[1]} experts per layer; the model has {num_experts}", source=str(path))
+    trace = load_trace(path)
+    if trace.num_experts != num_experts:
+        raise InputError(f"trace has {trace.num_experts} experts per layer; the model has {num_experts}", source=str(path))
+    per_layer = trace.loads().sum(axis=0).astype(np.float64)
     if layer is not None:
         if not 0 <= layer < per_layer.shape[0]:
             raise InputError(f"layer {layer} out of range: the trace has {per_layer.shape[0]}", source=str(path))
