@@ -139,3 +139,36 @@ def test_profile_validation():
         RoutingProfile(num_experts=8, top_k=2, num_layers=3, skew=[1.0, 1.0])
     with pytest.raises(ValueError, match="divisible by n_group"):
         RoutingProfile(num_experts=64, top_k=6, num_layers=1, algorithm="grouped", n_group=4)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(num_experts=64, top_k=6, num_layers=3, skew=1.0, affinity=0.3, domains=3),
+    dict(num_experts=256, top_k=8, num_layers=2, algorithm="group_limited", n_group=8, topk_group=4, skew=1.2),
+])
+def test_count_level_agrees_with_aggregated_token_level(extra):
+    from moesim.routing import stats
+    from moesim.routing.generate import generate_counts
+
+    profile = RoutingProfile(seq_len=1, **extra)  # every token its own sequence: steps mix domains as counts do
+    batch, steps = 256, 200
+    counts = generate_counts(profile, steps, batch, seed=3)
+    aggregated = tokens_per_expert(generate_tokens(profile, steps * batch, seed=3), profile.num_experts, batch)
+    assert counts.shape == aggregated.shape
+    assert np.abs(stats.popularity(counts) - stats.popularity(aggregated)).max() < 0.005
+    assert stats.imbalance(counts) == pytest.approx(stats.imbalance(aggregated), rel=0.05)
+    assert counts.sum(axis=2).max() <= batch * profile.top_k
+
+
+def test_count_level_locality_correlates_steps_and_caps_hold():
+    from moesim.routing.generate import generate_counts
+
+    def step_correlation(locality):
+        profile = RoutingProfile(num_experts=32, top_k=2, num_layers=1, skew=0.3, locality=locality, seq_len=10_000)
+        loads = generate_counts(profile, 300, 64, seed=0)[:, 0, :].astype(float)
+        centred = loads - loads.mean(axis=0)
+        return np.mean(np.sum(centred[1:] * centred[:-1], axis=1) / np.sqrt(np.sum(centred[1:] ** 2, axis=1) * np.sum(centred[:-1] ** 2, axis=1)))
+    assert step_correlation(0.9) > step_correlation(0.0) + 0.5
+    capped = RoutingProfile(num_experts=16, top_k=2, num_layers=1, skew=2.0, capacity_factor=1.25)
+    assert generate_counts(capped, 50, 128, seed=0).max() <= np.ceil(1.25 * 128 * 2 / 16)
+    chooser = RoutingProfile(num_experts=16, top_k=2, num_layers=2, algorithm="expert_choice")
+    assert np.all(generate_counts(chooser, 3, 128, seed=0) == 16)

@@ -475,3 +475,74 @@ def tokens_per_expert(ids: np.ndarray, num_experts: int, batch: int) -> np.ndarr
                                                        + layers * np.arange(steps)[:, None, None, None]), -1)
     counts = np.bincount(flat[flat >= 0].ravel(), minlength=steps * layers * num_experts)
     return counts.reshape(steps, layers, num_experts)
+
+
+def _inclusion(profile: RoutingProfile, seed: int, sample: int) -> np.ndarray:
+    """``[domains, layers, experts]``: the share of a token's choices that each expert takes,
+    measured on a token-level sample of the same profile (so group limits, affinity and
+    dynamic-k shape it exactly as in token-level traces)."""
+    base = profile.model_copy(update={"drift": 0.0, "capacity_factor": None})
+    tables = build_tables(base, sample, seed)
+    ids = generate_tokens(base, sample, seed, tables=tables)
+    seq_of = np.searchsorted(tables.seq_start, np.arange(sample), side="right") - 1
+    dom = tables.seq_domain[seq_of]
+    E = profile.num_experts
+    share = np.full((profile.domains, profile.num_layers, E), 1.0 / E)
+    for d in range(profile.domains):
+        mine = ids[dom == d]
+        if mine.shape[0] == 0:
+            continue
+        counts = tokens_per_expert(mine, E, mine.shape[0])[0].astype(np.float64)
+        share[d] = (counts + 0.5) / (counts + 0.5).sum(axis=1, keepdims=True)  # a half-count prior: never exactly 0
+    return share
+
+
+def generate_counts(profile: RoutingProfile, steps: int, batch: int, seed: int = 0, *, sample: int | None = None) -> np.ndarray:
+    """Count-level loads ``[steps, layers, experts]`` for steps of ``batch`` concurrent
+    sequences, one token each (a decode batch), without drawing every token.
+
+    Each expert's share of the choices is measured once on a token-level sample of the same
+    profile; each step draws the batch's fresh choices from it (per domain of the sequences in
+    the batch), while a choice repeats the previous step's with probability ``locality`` when its
+    sequence goes on (sequences end at rate ``1 / seq_len``). Drift rescales the shares by each
+    epoch's popularity; expert choice fills every expert to capacity; a capacity factor caps
+    each expert's count. Aggregated token-level traces agree with these loads in the mean
+    share of each expert and in the per-step imbalance (a test shows it).
+    """
+    if steps < 1 or batch < 1:
+        raise ValueError("steps and batch must be >= 1")
+    E, L, k, D = profile.num_experts, profile.num_layers, profile.top_k, profile.domains
+    if profile.algorithm == "expert_choice":
+        cap = max(1, int(round(batch * k / E)))
+        return np.full((steps, L, E), cap, dtype=np.int32)
+    rng = np.random.default_rng([seed, 0xC0C0])
+    share = _inclusion(profile, seed, sample or max(20_000, 50 * E))
+    tables = build_tables(profile, steps * batch, seed)
+    popularity = np.diff(tables.cdf, axis=-1, prepend=0.0)  # [epochs, domains, layers, experts]
+    locality = profile.per_layer("locality")
+    per_token = share.copy()
+    slot_domain = rng.integers(0, D, size=batch)
+    out = np.zeros((steps, L, E), dtype=np.int32)
+    previous = np.zeros((L, E), dtype=np.int64)
+    cap = int(np.ceil(profile.capacity_factor * batch * k / E)) if profile.capacity_factor else None
+    for step in range(steps):
+        epoch = min(step * batch // profile.drift_interval, popularity.shape[0] - 1)
+        if profile.drift and epoch:
+            ratio = popularity[epoch] / np.maximum(popularity[0], 1e-300)
+            per_token = share * ratio
+            per_token /= per_token.sum(axis=2, keepdims=True)
+        ended = rng.random(batch) < 1.0 / profile.seq_len
+        slot_domain = np.where(ended, rng.integers(0, D, size=batch), slot_domain)
+        continuing = 1.0 - ended.mean() if step else 0.0
+        in_domain = np.bincount(slot_domain, minlength=D)
+        for layer in range(L):
+            kept = rng.binomial(previous[layer], locality[layer] * continuing) if step else np.zeros(E, dtype=np.int64)
+            fresh_total = max(0, batch * k - int(kept.sum()))
+            mix = (in_domain[:, None] * per_token[:, layer, :]).sum(axis=0)
+            fresh = rng.multinomial(fresh_total, mix / mix.sum())
+            counts = np.minimum(kept + fresh, batch)  # a token picks an expert at most once
+            if cap is not None:
+                counts = np.minimum(counts, cap)
+            out[step, layer] = counts
+            previous[layer] = counts
+    return out
