@@ -152,3 +152,24 @@ def test_bad_config_json(tmp_path):
     assert result.returncode == 2 and "num_local_experts" in result.stderr and "Traceback" not in result.stderr
     config.write_text('{"model_type": ')
     _one_line_error(run("models", "show", str(config)), "malformed JSON")
+
+
+def test_trace_generate_stats_convert(tmp_path, capsys):
+    trace = tmp_path / "mix.npz"
+    assert main(["trace", "generate", "--model", "mixtral-8x7b", "--tokens", "3000", "--locality", "0.3", "-o", str(trace)]) == 0
+    figures = tmp_path / "figs"
+    assert main(["trace", "stats", str(trace), "--figures", str(figures), "--json"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(out[out.index("{"):])
+    assert data["layers"] == 32 and data["top_k"] == 2
+    assert set(data["hit_rate_belady"]) == {"2", "3", "4", "6", "8"}
+    assert sorted(p.name for p in figures.iterdir()) == ["hit_rate.png", "load_heatmap.png"]
+    counts = tmp_path / "ds.npz"
+    assert main(["trace", "generate", "--model", "deepseek-v3", "--steps", "4", "--batch", "512", "-o", str(counts)]) == 0
+    assert main(["trace", "convert", str(counts), str(tmp_path / "ds.csv")]) == 0
+
+
+def test_trace_bad_input():
+    _one_line_error(run("trace", "generate", "--model", "mixtral-8x7b", "--tokens", "10", "--steps", "3", "-o", "x.npz"), "--tokens")
+    _one_line_error(run("trace", "generate", "--model", "mixtral-8x7b", "--tokens", "10", "--locality", "1.5", "-o", "x.npz"), "locality")
+    _one_line_error(run("trace", "stats", "missing.npz"), "missing.npz", "not found")

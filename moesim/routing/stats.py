@@ -264,3 +264,32 @@ def coactivation(ids: np.ndarray, num_experts: int) -> np.ndarray:
                 np.add.at(out[layer], (a[ok], b[ok]), 1)
                 np.add.at(out[layer], (b[ok], a[ok]), 1)
     return out
+
+
+def summary(trace, *, batch: int, ep: int, multiples: list[float], segment: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """The statistics ``moesim trace stats`` reports for a :class:`Trace`, as plain data, and the
+    full hit-rate curves per policy (token-level traces only). Load statistics use steps of
+    ``batch`` tokens; cache sizes are ``multiples`` of the active experts; ``segment`` is SRP's
+    segment length and SCH's lookahead."""
+    E = trace.num_experts
+    loads = trace.loads(batch)
+    result = {
+        "level": trace.level, "layers": trace.num_layers, "experts": E, "top_k": trace.top_k,
+        "imbalance": imbalance(loads).tolist(),
+        "balancedness": balancedness(loads, ep).tolist(),
+        "popularity_top_share": popularity(loads).max(axis=1).tolist(),
+    }
+    curves: dict[str, np.ndarray] = {}
+    if trace.topk_ids is None:
+        return result, curves
+    ids = np.asarray(trace.topk_ids)
+    k = trace.top_k
+    sizes = sorted({min(E, max(1, int(round(m * k)))) for m in multiples})
+    result["cache_sizes"] = sizes
+    for policy in POLICIES:
+        curves[policy] = hit_rate_curve(ids, E, policy, future=segment)
+        result[f"hit_rate_{policy}"] = {str(c): float(curves[policy][:, c].mean()) for c in sizes}
+    result["srp"] = srp(ids, E, min(segment, ids.shape[0])).tolist()
+    result["affinity_mutual_information_bits"] = affinity(ids, E)[1].tolist()
+    result["repeat_rate"] = [float((ids[1:, l, :, None] == ids[:-1, l, None, :]).any(axis=2).mean()) for l in range(ids.shape[1])]
+    return result, curves
