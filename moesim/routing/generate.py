@@ -107,33 +107,38 @@ def _allowed(cand, algo, g_lo, g_hi, group_size, group_sel):
 
 
 @numba.njit(inline="always", cache=True)
-def _route_one(seed, t, layer, cdf, alias_prob, alias_idx, ep, dom, k, E, algo, n_group, topk_group, prev, succ, fan,
-               locality, affinity, null_rate, threshold, out, chosen, group_sel):
+def _route_one(seed, t, layer, cdf, gmass, alias_prob, alias_idx, ep, dom, k, E, algo, n_group, topk_group, prev, succ, fan,
+               locality, affinity, null_rate, threshold, out, chosen, group_sel, gm, sel_list):
     """Route token ``t`` at ``layer``: writes ``out[layer, :k]`` (-1 for no expert) and the
     choices before null-dropping into ``chosen``. ``prev[layer]`` holds the previous token's
     choices at this layer, ``prev[layer - 1]`` already this token's at the layer above."""
     group_size = E // n_group
     sel_mass = 0.0
+    n_sel = 0
     if algo == 1:  # group-limited: pick topk_group groups by mass, without replacement
+        remaining = 0.0
         for g in range(n_group):
             group_sel[g] = False
+            gm[g] = gmass[ep, dom, layer, g]
+            remaining += gm[g]
         for i in range(topk_group):
-            remaining = 0.0
-            for g in range(n_group):
-                if not group_sel[g]:
-                    remaining += _at(cdf, ep, dom, layer, (g + 1) * group_size - 1) - _at(cdf, ep, dom, layer, g * group_size - 1)
             target = _uniform(seed, t, layer, _GROUP_SLOT + i, 0) * remaining
             acc = 0.0
             pick = -1
             for g in range(n_group):
                 if group_sel[g]:
                     continue
-                acc += _at(cdf, ep, dom, layer, (g + 1) * group_size - 1) - _at(cdf, ep, dom, layer, g * group_size - 1)
+                acc += gm[g]
                 pick = g
                 if acc > target:
                     break
             group_sel[pick] = True
-            sel_mass += _at(cdf, ep, dom, layer, (pick + 1) * group_size - 1) - _at(cdf, ep, dom, layer, pick * group_size - 1)
+            sel_mass += gm[pick]
+            remaining -= gm[pick]
+        for g in range(n_group):  # the chosen groups in index order, for the draws below
+            if group_sel[g]:
+                sel_list[n_sel] = g
+                n_sel += 1
     for j in range(k):
         chosen[j] = -1
         out[layer, j] = -1
@@ -167,15 +172,13 @@ def _route_one(seed, t, layer, cdf, alias_prob, alias_idx, ep, dom, k, E, algo, 
                     acc = 0.0
                     before = 0.0
                     g = -1
-                    for gi in range(n_group):
-                        if not group_sel[gi]:
-                            continue
-                        g = gi
+                    for si in range(n_sel):
+                        g = sel_list[si]
                         before = acc
-                        acc += _at(cdf, ep, dom, layer, (gi + 1) * group_size - 1) - _at(cdf, ep, dom, layer, gi * group_size - 1)
+                        acc += gm[g]
                         if acc > target:
                             break
-                    m = _at(cdf, ep, dom, layer, (g + 1) * group_size - 1) - _at(cdf, ep, dom, layer, g * group_size - 1)
+                    m = gm[g]
                     u = min(max((target - before) / m, 0.0), _BELOW_ONE) if m > 0.0 else 0.0
                 else:
                     g = g_lo // group_size
@@ -205,7 +208,7 @@ def _route_one(seed, t, layer, cdf, alias_prob, alias_idx, ep, dom, k, E, algo, 
 
 
 @numba.njit(parallel=True, cache=True)
-def _generate_kernel(seed, cdf, alias_prob, alias_idx, successors, seq_start, seq_domain, interval, locality, affinity, k,
+def _generate_kernel(seed, cdf, gmass, alias_prob, alias_idx, successors, seq_start, seq_domain, interval, locality, affinity, k,
                      algo, n_group, topk_group, null_rate, threshold, out):
     tokens, L, _ = out.shape
     E = cdf.shape[3]
@@ -215,14 +218,16 @@ def _generate_kernel(seed, cdf, alias_prob, alias_idx, successors, seq_start, se
         prev = np.full((L, k), -1, dtype=np.int64)  # the previous token's choices, per layer
         chosen = np.empty(k, dtype=np.int64)
         group_sel = np.zeros(max(n_group, 1), dtype=np.bool_)
+        gm = np.zeros(max(n_group, 1))
+        sel_list = np.zeros(max(n_group, 1), dtype=np.int64)
         dom = seq_domain[s]
         for t in range(seq_start[s], seq_start[s + 1]):
             ep = min(t // interval, epochs - 1)
             token_out = out[t]
             for layer in range(L):
-                _route_one(seed, t, layer, cdf, alias_prob, alias_idx, ep, dom, k, E, algo, n_group, topk_group, prev,
+                _route_one(seed, t, layer, cdf, gmass, alias_prob, alias_idx, ep, dom, k, E, algo, n_group, topk_group, prev,
                            successors, fan, locality[layer], affinity[layer] if layer > 0 else 0.0,
-                           null_rate, threshold, token_out, chosen, group_sel)
+                           null_rate, threshold, token_out, chosen, group_sel, gm, sel_list)
                 for j in range(k):
                     prev[layer, j] = chosen[j]
 
@@ -257,16 +262,18 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
             sel_mass = np.zeros(n)
             if algo == 1:
                 group_sel[:] = False
-                gmass = rows[:, group_size - 1 :: group_size] - lo_of[:, 0:E:group_size]
+                gmass = tables.group_mass[epoch, dom, layer]  # [n, groups]
+                remaining = np.cumsum(gmass, axis=1)[:, -1]
                 for i in range(profile.topk_group):
                     masked = np.where(group_sel, 0.0, gmass)
                     csum = np.cumsum(masked, axis=1)
-                    target = uniform_np(seed, t, layer, _GROUP_SLOT + i, 0) * csum[:, -1]
+                    target = uniform_np(seed, t, layer, _GROUP_SLOT + i, 0) * remaining
                     over = (csum > target[:, None]) & ~group_sel
                     last_open = n_group - 1 - np.argmax(~group_sel[:, ::-1], axis=1)
                     pick = np.where(over.any(axis=1), np.argmax(over, axis=1), last_open)
                     group_sel[np.arange(n), pick] = True
                     sel_mass += gmass[np.arange(n), pick]
+                    remaining = remaining - gmass[np.arange(n), pick]
             chosen = np.full((n, k), -1, dtype=np.int64)
             result = np.full((n, k), -1, dtype=np.int64)
             mass = np.zeros(n)
@@ -307,7 +314,7 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
                     u = uniform_np(seed, t, layer, j, _D_POP + attempt)
                     if algo == 1:
                         target = u * sel_mass
-                        gm = np.where(group_sel, rows[:, group_size - 1 :: group_size] - lo_of[:, 0:E:group_size], 0.0)
+                        gm = np.where(group_sel, tables.group_mass[epoch, dom, layer], 0.0)
                         ends_ = np.cumsum(gm, axis=1)
                         before = np.concatenate([np.zeros((n, 1)), ends_[:, :-1]], axis=1)
                         hit = (ends_ > target[:, None]) & group_sel
@@ -454,7 +461,7 @@ def generate_tokens(profile: RoutingProfile, tokens: int, seed: int = 0, *, impl
         algo = ALGORITHM_CODES[profile.algorithm]
         ids = np.empty((tokens, profile.num_layers, profile.top_k), dtype=np.int16)
         n_group = profile.n_group if algo in (1, 2) else 1
-        _generate_kernel(np.uint64(seed), tables.cdf, tables.alias_prob, tables.alias_idx, tables.successors,
+        _generate_kernel(np.uint64(seed), tables.cdf, tables.group_mass, tables.alias_prob, tables.alias_idx, tables.successors,
                          tables.seq_start, tables.seq_domain,
                          profile.drift_interval, tables.locality, tables.affinity, profile.top_k, algo,
                          n_group, profile.topk_group, profile.null_rate, profile.dynamic_threshold, ids)

@@ -109,10 +109,12 @@ class Tables:
     ``seq_domain`` each sequence's domain. ``alias_prob`` / ``alias_idx``
     ``[epoch, domain, layer, group, expert in group]`` are Vose alias tables of the popularity
     inside each group of contiguous experts (one group for ungrouped routing), so a draw costs
-    one comparison whatever the number of experts.
+    one comparison whatever the number of experts. ``group_mass[epoch, domain, layer, group]``
+    is each group's popularity mass, read off the CDF.
     """
 
     cdf: np.ndarray
+    group_mass: np.ndarray
     alias_prob: np.ndarray
     alias_idx: np.ndarray
     successors: np.ndarray
@@ -165,7 +167,10 @@ def build_tables(profile: RoutingProfile, tokens: int, seed: int) -> Tables:
     groups = profile.n_group if profile.algorithm in ("group_limited", "grouped") else 1
     weights = np.diff(cdf, axis=-1, prepend=0.0).reshape(*cdf.shape[:-1], groups, E // groups)
     alias_prob, alias_idx = alias_tables(weights)
-    return Tables(cdf=np.ascontiguousarray(cdf), alias_prob=alias_prob, alias_idx=alias_idx, successors=successors,
+    size = E // groups
+    below = np.concatenate([np.zeros((*cdf.shape[:-1], 1)), cdf[..., :-1]], axis=-1)
+    group_mass = np.ascontiguousarray(cdf[..., size - 1 :: size] - below[..., 0:E:size])
+    return Tables(cdf=np.ascontiguousarray(cdf), group_mass=group_mass, alias_prob=alias_prob, alias_idx=alias_idx, successors=successors,
                   seq_start=seq_start, seq_domain=seq_domain,
                   locality=profile.per_layer("locality"), affinity=profile.per_layer("affinity"))
 

@@ -104,11 +104,59 @@ def _keeps(a, b, mode, last, freq, nuse, fut):
 
 
 @numba.njit(cache=True)
+def _lru_depths(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """LRU stack depths in O(log n) each: an expert's depth is the number of experts used more
+    recently, counted with a Fenwick tree over access timestamps that marks each expert's
+    latest access."""
+    tokens, k = ids.shape
+    size = tokens * k + 1
+    tree = np.zeros(size + 1, dtype=np.int64)
+    last = np.full(num_experts, -1, dtype=np.int64)
+    out = np.zeros(num_experts + 1, dtype=np.int64)
+    live = 0
+    clock = 0
+    for t in range(tokens):
+        for j in range(k):
+            e = ids[t, j]
+            if e < 0:
+                continue
+            if last[e] < 0:
+                out[num_experts] += 1
+            else:
+                i = last[e]
+                upto = 0
+                while i > 0:
+                    upto += tree[i]
+                    i -= i & -i
+                out[live - upto] += 1
+        for j in range(k):
+            e = ids[t, j]
+            if e < 0:
+                continue
+            clock += 1
+            if last[e] >= 0:
+                i = last[e]
+                while i <= size:
+                    tree[i] -= 1
+                    i += i & -i
+            else:
+                live += 1
+            i = clock
+            while i <= size:
+                tree[i] += 1
+                i += i & -i
+            last[e] = clock
+    return out
+
+
+@numba.njit(cache=True)
 def stack_depths(ids: np.ndarray, num_experts: int, mode: int, future: int) -> np.ndarray:
     """Histogram of stack depths of every access of one layer's ``ids`` ``[tokens, k]``:
     ``out[d]`` counts accesses found at depth ``d`` (a hit for any cache larger than ``d``);
     ``out[num_experts]`` counts first accesses, which miss in every demand cache. Under SCH
     (``mode`` 3) a first access counts at the number of experts seen so far instead."""
+    if mode == 0:
+        return _lru_depths(ids, num_experts)
     tokens, k = ids.shape
     E = num_experts
     out = np.zeros(E + 1, dtype=np.int64)
