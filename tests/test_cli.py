@@ -173,3 +173,15 @@ def test_trace_bad_input():
     _one_line_error(run("trace", "generate", "--model", "mixtral-8x7b", "--tokens", "10", "--steps", "3", "-o", "x.npz"), "--tokens")
     _one_line_error(run("trace", "generate", "--model", "mixtral-8x7b", "--tokens", "10", "--locality", "1.5", "-o", "x.npz"), "locality")
     _one_line_error(run("trace", "stats", "missing.npz"), "missing.npz", "not found")
+
+
+def test_trace_fit_writes_a_profile_that_generates(tmp_path, capsys):
+    recorded = tmp_path / "rec.npz"
+    assert main(["trace", "generate", "--model", "olmoe-1b-7b", "--tokens", "4000", "--skew", "0.7", "--locality", "0.2",
+                 "-o", str(recorded)]) == 0
+    profile = tmp_path / "p.yaml"
+    assert main(["trace", "fit", "--model", "olmoe-1b-7b", "--trace", str(recorded), "--tokens", "4000", "-o", str(profile)]) == 0
+    assert "target vs achieved" in capsys.readouterr().out
+    assert main(["trace", "generate", "--profile", str(profile), "--tokens", "500", "-o", str(tmp_path / "again.npz")]) == 0
+    _one_line_error(run("trace", "fit", "--model", "olmoe-1b-7b"), "--trace")
+    _one_line_error(run("trace", "fit", "--model", "olmoe-1b-7b", "--hit-rate", "big:0.5"), "--hit-rate")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import yaml
 from pydantic import ValidationError
 
 from moesim.cli.output import add_json_options, console, emit_json, table
 from moesim.errors import InputError, from_validation
-from moesim.files import load_yaml
+from moesim.files import atomic_write, load_yaml
 from moesim.models import load_model
 from moesim.routing import stats
 from moesim.routing.formats import FORMATS, read_trace, write_trace
@@ -55,6 +56,26 @@ def register(sub, formatter) -> None:
     conv.add_argument("--experts", type=int, help="experts per layer (default: from the file)")
     conv.add_argument("--batch", type=int, help="tokens per step when writing counts from a token-level trace")
     conv.set_defaults(func=_convert)
+
+    fit = verbs.add_parser("fit", help="fit a routing profile to target statistics", formatter_class=formatter,
+                           epilog=("examples:\n"
+                                   "  moesim trace fit --model mixtral-8x7b --trace recorded.npz -o mixtral-profile.yaml\n"
+                                   "  moesim trace fit --model mixtral-8x7b --imbalance 1.6 --batch 256 --hit-rate 2x:0.62 -o p.yaml"))
+    base = fit.add_mutually_exclusive_group(required=True)
+    base.add_argument("--model", help="model preset: the profile's shape")
+    base.add_argument("--profile", help="a routing profile YAML to start from")
+    fit.add_argument("--trace", help="take the targets from this recorded token-level trace")
+    fit.add_argument("--imbalance", type=float, help="target max / mean tokens per expert at --batch")
+    fit.add_argument("--batch", type=int, default=1024, help="tokens per step for the imbalance target (default 1024)")
+    fit.add_argument("--repeat-rate", type=float, help="target share of choices repeating one of the previous token's")
+    fit.add_argument("--hit-rate", action="append", default=[], metavar="SIZE:RATE",
+                     help="target LRU hit rate at a cache size, in experts (4:0.6) or multiples of top-k (2x:0.6); repeatable")
+    fit.add_argument("--mutual-information", type=float, help="target cross-layer mutual information, bits")
+    fit.add_argument("--tokens", type=int, default=20_000, help="tokens per evaluation trace (default 20000)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("-o", "--output", help="write the fitted profile as YAML")
+    fit.add_argument("--json", action="store_true", help="print the fit report as JSON")
+    fit.set_defaults(func=_fit, skew=None, locality=None, affinity=None, drift=None, domains=None)
 
     st = verbs.add_parser("stats", help="load balance, locality, cache hit rates, affinity", formatter_class=formatter,
                           epilog="example:\n  moesim trace stats mixtral.npz --ep 8 --figures out/ --json")
@@ -117,6 +138,62 @@ def _convert(args) -> int:
     trace = read_trace(args.input, args.src_format or "", args.experts)
     write_trace(args.output, trace, args.dst_format or "", batch=args.batch)
     console.print(f"wrote {args.output}: {trace.level}-level, {trace.num_layers} layers x {trace.num_experts} experts")
+    return 0
+
+
+def _hit_rates(items: list[str], top_k: int) -> dict[int, float]:
+    out = {}
+    for item in items:
+        size, _, rate = item.partition(":")
+        try:
+            experts = round(float(size[:-1]) * top_k) if size.endswith("x") else int(size)
+            value = float(rate)
+        except ValueError:
+            raise InputError(f"cannot read {item!r}: expected SIZE:RATE, e.g. 4:0.6 or 2x:0.6", field="--hit-rate") from None
+        if experts < 1 or not 0 <= value <= 1:
+            raise InputError(f"{item!r}: the size must be >= 1 and the rate in [0, 1]", field="--hit-rate")
+        out[experts] = value
+    return out
+
+
+def _fit(args) -> int:
+    from moesim.routing.fit import Targets, fit, targets_from_trace
+
+    base = _profile(args)
+    if args.trace:
+        trace = read_trace(args.trace)
+        if trace.topk_ids is None:
+            raise InputError("fitting needs a token-level trace (topk_ids)", source=args.trace)
+        if trace.num_experts != base.num_experts or trace.top_k != base.top_k:
+            raise InputError(f"the trace routes top-{trace.top_k} of {trace.num_experts}; the profile top-{base.top_k} of "
+                             f"{base.num_experts}", source=args.trace)
+        sizes = tuple(_hit_rates(args.hit_rate, base.top_k)) or (2 * base.top_k,)
+        targets = targets_from_trace(np.asarray(trace.topk_ids), trace.num_experts, batch=args.batch, cache_sizes=sizes)
+        base = base.model_copy(update={"num_layers": trace.num_layers})
+    else:
+        targets = Targets(imbalance=args.imbalance, batch=args.batch, repeat_rate=args.repeat_rate,
+                          hit_rate=_hit_rates(args.hit_rate, base.top_k), mutual_information=args.mutual_information)
+        if not targets.values():
+            raise InputError("give --trace or at least one target (--imbalance, --repeat-rate, --hit-rate, --mutual-information)",
+                             field="--trace")
+    result = fit(base, targets, tokens=args.tokens, seed=args.seed)
+    fitted = {p: getattr(result.profile, p) for p in ("skew", "locality", "affinity")}
+    report = {"profile": result.profile.model_dump(), "targets": result.targets, "achieved": result.achieved,
+              "relative_error_squared": result.error, "evaluations": result.evaluations,
+              "fitted_to": args.trace or "targets given on the command line"}
+    if args.output:
+        text = "# Routing profile fitted by 'moesim trace fit'.\n" + yaml.safe_dump(
+            result.profile.model_dump() | {"source": report["fitted_to"]}, sort_keys=False)
+        text += "# targets vs achieved:\n" + "".join(
+            f"#   {name}: target {target:.4g}, achieved {got:.4g}\n" for name, target, got in result.table())
+        atomic_write(args.output, text)
+    if args.json:
+        emit_json(report)
+        return 0
+    table("fit: target vs achieved", ["statistic", "target", "achieved"],
+          [[n, f"{t:.4g}", f"{a:.4g}"] for n, t, a in result.table()], right={1, 2})
+    console.print("fitted " + ", ".join(f"{k} = {v:.3f}" for k, v in fitted.items())
+                  + (f"; wrote {args.output}" if args.output else ""))
     return 0
 
 
