@@ -185,3 +185,10 @@ def test_trace_fit_writes_a_profile_that_generates(tmp_path, capsys):
     assert main(["trace", "generate", "--profile", str(profile), "--tokens", "500", "-o", str(tmp_path / "again.npz")]) == 0
     _one_line_error(run("trace", "fit", "--model", "olmoe-1b-7b"), "--trace")
     _one_line_error(run("trace", "fit", "--model", "olmoe-1b-7b", "--hit-rate", "big:0.5"), "--hit-rate")
+
+
+def test_cost_rejects_non_positive_shapes():
+    _one_line_error(run("cost", "attention", "--device", "h100-sxm", "--phase", "prefill", "--batch", "0", "--seq", "10",
+                        "--heads", "8"), "--batch")
+    result = run("cost", "collective", "--cluster", "dgx-h100", "--op", "all_reduce", "--ranks", "8", "--size", "0 B")
+    assert result.returncode == 2 and "positive" in result.stderr and "Traceback" not in result.stderr

@@ -21,9 +21,12 @@ from moesim.routing.counts import parse_routing
 
 def _size(text: str) -> float:
     try:
-        return units.bytes_(text)
+        value = units.bytes_(text)
     except InputError as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    return value
 
 
 def _dtype(text: str) -> str:
@@ -157,6 +160,12 @@ def _gemm(args) -> int:
 
 def _attention(args) -> int:
     device = _compute_device(args.device)
+    for name in ("batch", "heads", "head_dim"):
+        if getattr(args, name) < 1:
+            raise InputError("must be at least 1", field=f"--{name.replace('_', '-')}")
+    for name in ("seq", "kv_len", "kv_heads", "window"):
+        if getattr(args, name) < 0:
+            raise InputError("must not be negative", field=f"--{name.replace('_', '-')}")
     window = args.window or None
     if args.phase == "prefill" and args.seq < 1:
         raise InputError("prefill needs --seq >= 1", field="--seq")

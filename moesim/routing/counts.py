@@ -110,7 +110,7 @@ def power_law_counts(
     """Skewed tokens per expert with exponent ``alpha`` (> 1 is more skewed), heaviest EP rank
     first. See the module docstring for the procedure."""
     if alpha == 1.0:
-        raise InputError("power-law exponent 1.0 is degenerate; use e.g. 1.01")
+        raise InputError("power-law exponent 1.0 is degenerate; use e.g. 1.01", field="--routing")
     if num_experts % ep:
         raise InputError(f"EP {ep} does not divide {num_experts} experts")
     rng = rng or np.random.default_rng(0)
