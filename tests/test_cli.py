@@ -192,3 +192,26 @@ def test_cost_rejects_non_positive_shapes():
                         "--heads", "8"), "--batch")
     result = run("cost", "collective", "--cluster", "dgx-h100", "--op", "all_reduce", "--ranks", "8", "--size", "0 B")
     assert result.returncode == 2 and "positive" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_review_edge_cases_are_one_line_errors(tmp_path):
+    _one_line_error(run("estimate", "--model", "mixtral-8x7b", "--cluster", "dgx-h100", "--batch", "4", "--prompt", "8",
+                        "--output", "8", "--seed", "-1"), "--seed")
+    _one_line_error(run("estimate", "--model", "mixtral-8x7b", "--cluster", "dgx-h100", "--tp", "2", "--batch", "100000000000000",
+                        "--prompt", "8", "--output", "1"), "--batch")
+    _one_line_error(run("estimate", "--model", "mixtral-8x7b", "--cluster", "dgx-h100", "--tp", "2", "--batch", "4", "--prompt", "8",
+                        "--output", "8", "--kv-dtype", "int8"), "--kv-dtype")
+    _one_line_error(run("estimate", "--model", "mixtral-8x7b", "--cluster", "dgx-h100", "--tp", "2", "--batch", "4", "--prompt", "8",
+                        "--output", "8", "--json", "-o", str(tmp_path)), "is a folder")
+    _one_line_error(run("cost", "moe", "--device", "h100-sxm", "--tokens", "8", "--hidden", "64", "--inter", "64", "--topk", "2",
+                        "--experts", "8", "--routing", "power_law:nan"), "--routing")
+    folder = tmp_path / "d"
+    (folder / "config.json").mkdir(parents=True)
+    _one_line_error(run("models", "show", str(folder)), "cannot read")
+    clusters = tmp_path / "clusters"
+    clusters.mkdir()
+    (clusters / "odd.yaml").write_text("name: odd\nfull_name: odd\nnode:\n  accelerators: {device: nvme-gen4, count: 2}\n"
+                                       "  cpus: {device: xeon-8480, count: 1}\n  host_memory: 64 GiB\n  host_link: pcie-gen5-x16\n")
+    result = subprocess.run([sys.executable, "-m", "moesim", "hw", "show", "odd"], capture_output=True, text=True,
+                            env={**__import__("os").environ, "MOESIM_HWPROFILES": str(tmp_path)})
+    _one_line_error(result, "node.accelerators.device", "expected a gpu or npu")

@@ -24,8 +24,8 @@ def _size(text: str) -> float:
         value = units.bytes_(text)
     except InputError as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    if not 0 < value < 2**62:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive and finite")
     return value
 
 
@@ -136,8 +136,10 @@ def _report(cost: OpCost, args, title: str) -> int:
 def _moe(args) -> int:
     device = _compute_device(args.device)
     for name in ("tokens", "hidden", "inter", "topk", "experts", "ep", "expert_tp"):
-        if getattr(args, name) < 1:
-            raise InputError("must be at least 1", field=f"--{name.replace('_', '-')}")
+        if not 1 <= getattr(args, name) <= 10**12:
+            raise InputError("must be between 1 and 1e12", field=f"--{name.replace('_', '-')}")
+    if args.seed < 0:
+        raise InputError("must be >= 0", field="--seed")
     if args.topk > args.experts:
         raise InputError(f"top-k {args.topk} exceeds the {args.experts} experts", field="--topk")
     if args.experts % args.ep:

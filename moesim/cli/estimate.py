@@ -35,18 +35,22 @@ def register(sub, formatter) -> None:
     parser.add_argument("--batch", type=int, help="concurrent sequences in all")
     parser.add_argument("--prompt", type=int, help="prompt tokens per sequence")
     parser.add_argument("--output", type=int, help="generated tokens per sequence")
-    parser.add_argument("--dtype", help="weight dtype: bf16, fp8, int4 ... (default bf16)")
+    parser.add_argument("--dtype", help="weight dtype: bf16, fp8, int4 ... (default: the checkpoint's; fp32 ones in bf16)")
     parser.add_argument("--expert-dtype", help="expert weight dtype or kernel variant (default --dtype)")
-    parser.add_argument("--kv-dtype", help="KV-cache dtype (default bf16, fp8 with fp8 weights)")
+    parser.add_argument("--kv-dtype", help="KV-cache dtype: bf16, fp16 or fp8 (default bf16)")
     parser.add_argument("--routing", help="balanced, power_law:ALPHA or a .npz trace (default balanced)")
-    parser.add_argument("--seed", type=int, help="seed of the routing draw (default 0)")
+    parser.add_argument("--seed", type=int, help="seed of the routing draw, >= 0 (default 0)")
     add_json_options(parser)
     parser.set_defaults(func=run)
 
 
+# Token counts beyond this overflow the int64 routing counts (tokens x top-k x layers).
+MAX_TOKENS = 10**12
+
+
 def _settings(args) -> dict:
     """Scenario values overlaid by whatever the command line gives."""
-    values: dict = {"tp": 1, "ep": 1, "dp": None, "pp": 1, "expert_tp": None, "dtype": "bf16", "expert_dtype": None,
+    values: dict = {"tp": 1, "ep": 1, "dp": None, "pp": 1, "expert_tp": None, "dtype": None, "expert_dtype": None,
                     "kv_dtype": None, "routing": "balanced", "seed": 0, "source": "command line"}
     if args.scenario:
         scenario, path = load_scenario(args.scenario)
@@ -63,8 +67,10 @@ def _settings(args) -> dict:
         if values.get(key) is None:
             raise InputError("is required (or give --scenario)", field=f"--{key}")
     for key in ("batch", "prompt", "output"):
-        if values[key] < 1:
-            raise InputError(f"must be at least 1, got {values[key]}", field=f"--{key}")
+        if not 1 <= values[key] <= MAX_TOKENS:
+            raise InputError(f"must be between 1 and {MAX_TOKENS:.0e}, got {values[key]}", field=f"--{key}")
+    if values["seed"] < 0:
+        raise InputError(f"must be >= 0, got {values['seed']}", field="--seed")
     return values
 
 
@@ -110,10 +116,10 @@ def _print(r) -> None:
           right=set(range(6)))
     rows = []
     for kind, n in r.layer_counts.items():
-        p, d = r.prefill_layers[kind], r.decode_layers[kind]
-        rows.append([kind, str(n), units.fmt_time(p.time), p.bound, units.fmt_time(d.time), d.bound])
+        p, d = r.prefill_layers[kind], r.decode_layers.get(kind)
+        rows.append([kind, str(n), units.fmt_time(p.time), p.bound, units.fmt_time(d.time) if d else "-", d.bound if d else ""])
     table("per-layer time on one device", ["layer", "count", "prefill", "bound", "decode", "bound"], rows, right={1, 2, 4})
-    kind = next((k for k in r.layer_counts if k.startswith("moe")), next(iter(r.layer_counts)))
+    kind = next((k for k in r.decode_layers if k.startswith("moe")), next(iter(r.decode_layers)))
     prefill = {p.name: p for p in r.prefill_layers[kind].parts}
     decode = {p.name: p for p in r.decode_layers[kind].parts}
     ops = []
@@ -138,6 +144,7 @@ def _print(r) -> None:
     per_million = cost / 3600 / r.decode_tokens_per_s * 1e6 if r.decode_tokens_per_s else float("nan")
     console.print(
         f"TTFT {units.fmt_time(r.ttft)}, TPOT {units.fmt_time(r.tpot)}, end-to-end {units.fmt_time(r.e2e_latency)} "
-        f"for {r.workload.prompt} + {r.workload.output} tokens ({b} sequences per DP replica); "
+        f"for {r.workload.prompt} + {r.workload.output} tokens ({b} sequences per DP replica"
+        f"{f', micro-batches of {r.micro_batch}' if lay.pp > 1 else ''}); "
         f"${cost:.2f}/h, ${per_million:.2f} per million generated tokens"
     )

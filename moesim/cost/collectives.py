@@ -40,12 +40,21 @@ def _groups_by_node(graph, group: list[str]) -> dict[int, list[str]]:
     return dict(by_node)
 
 
+def _mesh_bandwidth(graph, name: str, peers: list[str]) -> float:
+    """Bytes/s ``name`` can send at once over direct links to ``peers`` (a full mesh such as
+    xGMI, HCCS or TPU ICI has one link per peer; a switched or PCIe node has none)."""
+    return sum(graph.edges[name, p]["bandwidth"] for p in peers if p != name and graph.has_edge(name, p))
+
+
 def _ring(graph, members: list[str]) -> tuple[float, float]:
-    """Bottleneck bandwidth and worst step latency of a ring over ``members`` in order."""
+    """Bottleneck bandwidth and worst step latency of a ring over ``members`` in order. On a
+    full mesh the library runs one ring per link at once (NCCL / RCCL multi-ring), so a rank's
+    ring bandwidth is the sum of its direct links to the other members."""
     if len(members) < 2:
         return float("inf"), 0.0
     hops = [route(graph, a, b) for a, b in zip(members, members[1:] + members[:1])]
-    return min(h.bandwidth for h in hops), max(h.latency for h in hops)
+    bandwidth = min(max(h.bandwidth, _mesh_bandwidth(graph, a, members)) for a, h in zip(members, hops))
+    return bandwidth, max(h.latency for h in hops)
 
 
 def _check(group: list[str]) -> None:
@@ -118,10 +127,15 @@ def all_to_all_time(graph, group: list[str], bytes_matrix: np.ndarray, *, algori
     intra_send, intra_recv = intra.sum(axis=1), intra.sum(axis=0)
     inter_send, inter_recv = inter.sum(axis=1), inter.sum(axis=0)
     if algorithm == "hierarchical":
-        # RDMA lands on the peer with the same local index, which forwards over NVLink the
-        # share meant for its node-mates: inter-node bytes cross scale-up once more.
-        intra_send = intra_send + inter_recv * (1 - 1 / max(1, int(same.sum(axis=1).max())))
-        intra_recv = intra_recv + inter_recv * (1 - 1 / max(1, int(same.sum(axis=1).max())))
+        # RDMA lands on the destination node's peer with the sender's local index, which
+        # forwards over NVLink the share meant for its node-mates: a node's inter-node receive
+        # is spread over all its NICs, and crosses scale-up once more.
+        local = same.sum(axis=1)
+        forwarded = inter_recv * (1 - 1 / local)
+        intra_send = intra_send + forwarded
+        intra_recv = intra_recv + forwarded
+        node_recv = np.array([inter_recv[node == node[i]].sum() for i in range(n)])
+        inter_recv = node_recv / local
     times = np.zeros(n)
     latency = 0.0
     peers_local = [j for j in range(n) if j != 0 and same[0, j]]
@@ -129,7 +143,13 @@ def all_to_all_time(graph, group: list[str], bytes_matrix: np.ndarray, *, algori
     local_route = route(graph, group[0], group[peers_local[0]]) if peers_local else None
     remote_route = route(graph, group[0], group[peers_remote[0]]) if peers_remote else None
     if local_route:
-        times = np.maximum(times, np.maximum(intra_send, intra_recv) / local_route.bandwidth)
+        node_mates = [[group[j] for j in range(n) if same[i, j]] for i in range(n)]
+        capacity = np.array([max(local_route.bandwidth, _mesh_bandwidth(graph, group[i], node_mates[i])) for i in range(n)])
+        times = np.maximum(times, np.maximum(intra_send, intra_recv) / capacity)
+        # on a mesh each pair also has its own link, which one heavy pair can saturate
+        pair = np.array([[graph.edges[group[i], group[j]]["bandwidth"] if graph.has_edge(group[i], group[j]) else np.inf
+                          for j in range(n)] for i in range(n)])
+        times = np.maximum(times, (intra / pair).max(axis=1))
         latency = max(latency, local_route.latency)
     if remote_route:
         times = np.maximum(times, np.maximum(inter_send, inter_recv) / remote_route.bandwidth)

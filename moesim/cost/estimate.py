@@ -7,8 +7,12 @@ operators that device runs (norms, projections, attention, TP all-reduce, router
 combine all-to-all, expert GEMMs on the straggler EP rank, shared experts); layers of one kind
 cost the same, so each kind is costed once and multiplied.
 
-Throughput assumes ``pp`` micro-batches keep every stage busy, so a step completes every
-``max stage time``; latency (TTFT, TPOT) is the sum over stages plus stage-to-stage transfers.
+Each step advances every sequence by one token (decode) or through its whole prompt (prefill),
+so throughput is ``batch / step``. With ``pp`` stages the busiest replica's sequences are cut into
+``pp`` micro-batches that keep every stage busy: a round through all stages takes the model time
+of one micro-batch plus the stage-to-stage transfers, and every micro-batch advances once per
+round. The MoE layers of a stage see the tokens of every DP replica of one micro-batch.
+Encoder layers (encoder-decoder models) run in prefill only; cross-attention is not costed.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moesim.cost.attention import decode_attention_time, mla_decode_time, prefill_attention_time
-from moesim.cost.collectives import all_reduce_time, all_to_all_time, transfer_time
+from moesim.cost.collectives import all_gather_time, all_reduce_time, all_to_all_time, reduce_scatter_time, transfer_time
 from moesim.cost.gemm import gemm_time
 from moesim.cost.layout import Layout
 from moesim.cost.moe import moe_layer_time
 from moesim.cost.roofline import OpCost, combine, elementwise
 from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
+from moesim.errors import InputError
 from moesim.hardware.specs import Cluster
 from moesim.hardware.topology import accelerators, topology
 from moesim.models import activation_bytes, kv_bytes, param_counts
@@ -63,8 +68,6 @@ class Estimate:
     layer_counts: dict[str, int]
     prefill_step: float
     decode_step: float
-    prefill_interval: float
-    decode_interval: float
     extras: dict = field(default_factory=dict)
 
     @property
@@ -86,15 +89,21 @@ class Estimate:
     @property
     def decode_tokens_per_s(self) -> float:
         """Generated tokens per second, whole layout, in steady decode."""
-        return self.layout.dp * self.per_replica_batch / self.decode_interval
+        return self.workload.batch / self.decode_step
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.layout.dp * self.per_replica_batch * self.workload.prompt / self.prefill_interval
+        return self.workload.batch * self.workload.prompt / self.prefill_step
 
     @property
     def per_replica_batch(self) -> int:
+        """Sequences on the busiest DP replica."""
         return -(-self.workload.batch // self.layout.dp)
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences of the busiest replica in one pipeline micro-batch."""
+        return -(-self.per_replica_batch // self.layout.pp)
 
     def bottleneck(self, phase: str = "decode") -> str:
         """'compute', 'HBM', 'interconnect' or 'launch overhead': what the step's time is mostly
@@ -124,6 +133,7 @@ class Estimate:
                 "tokens_per_s": self.prefill_tokens_per_s,
                 "bottleneck": self.bottleneck("prefill"),
             },
+            "micro_batch_sequences": self.micro_batch,
             "decode": {
                 "layers": {k: v.to_dict() for k, v in self.decode_layers.items()},
                 "step_s": self.decode_step,
@@ -146,14 +156,17 @@ def _leaves(cost: OpCost):
 
 def _layer_kind(layer: Layer) -> str:
     kind = "moe" if layer.moe else "dense"
-    return f"{kind}+window{layer.window}" if layer.window else kind
+    kind = f"{kind}+window{layer.window}" if layer.window else kind
+    return f"encoder-{kind}" if layer.encoder else kind
 
 
 class _Costing:
     """What one device of the layout spends on each operator; holds the shared context."""
 
-    def __init__(self, arch: ModelArch, cluster: Cluster, layout: Layout, workload: Workload, dtype: str, expert_dtype: str, kv_dtype: str):
+    def __init__(self, arch: ModelArch, cluster: Cluster, layout: Layout, workload: Workload, dtype: str, expert_dtype: str,
+                 kv_dtype: str, group_sequences: int):
         self.arch, self.layout, self.workload = arch, layout, workload
+        self.group_sequences = group_sequences  # sequences of all DP replicas in one micro-batch
         self.dtype, self.expert_dtype, self.kv_dtype = dtype, expert_dtype, kv_dtype
         self.graph = topology(cluster.name) if cluster.name else topology(cluster)
         self.ranks = accelerators(self.graph)
@@ -198,10 +211,12 @@ class _Costing:
                                                   name="mla_prefill"))
             else:
                 # Absorbed decode: queries pass through W_UK per head, outputs through W_UV.
-                ops.append(self._gemm("q_absorb", tokens * self.heads, att.kv_lora_rank, att.qk_nope_head_dim))
+                # one [nope x kv_lora] matrix per head: a batched GEMM, costed as one with every
+                # head's weights (FLOP and weight bytes both scale with the heads)
+                ops.append(self._gemm("q_absorb", tokens, self.heads * att.kv_lora_rank, att.qk_nope_head_dim))
                 ops.append(mla_decode_time(self.device, batch, kv_len, self.heads, att.kv_lora_rank, att.qk_rope_head_dim,
                                            kv_dtype=self.kv_dtype))
-                ops.append(self._gemm("v_absorb", tokens * self.heads, att.v_head_dim, att.kv_lora_rank))
+                ops.append(self._gemm("v_absorb", tokens, self.heads * att.v_head_dim, att.kv_lora_rank))
             ops.append(self._gemm("o_proj", tokens, h, self.heads * att.v_head_dim))
         else:
             d = att.head_dim
@@ -225,14 +240,27 @@ class _Costing:
         return ops
 
     # -- MoE -----------------------------------------------------------------------------------
-    def moe(self, tokens: int) -> list[OpCost]:
-        """The MoE block on this stage for ``tokens`` tokens per DP replica."""
+    def moe(self, tokens: int, new_tokens: int) -> list[OpCost]:
+        """The MoE block on this stage: ``tokens`` on this device's replica, ``new_tokens`` per
+        sequence (the group's tokens are ``group_sequences * new_tokens``)."""
         arch, moe, lay, h = self.arch, self.arch.moe, self.layout, self.arch.hidden
         ops = [elementwise(self.device, "post_attn_norm", tokens * h, "bf16", reads=1, writes=1, flops_per_element=4)]
-        group_tokens = tokens * lay.dp
+        group_tokens = self.group_sequences * new_tokens
         counts = parse_routing(self.workload.routing, group_tokens, moe.num_experts, moe.top_k, ep=lay.ep, seed=self.workload.seed)
         ops.append(self._gemm("router", tokens, moe.num_experts, h, "bf16"))
-        if lay.ep == 1:
+        if lay.ep == 1 and lay.expert_tp > lay.tp:
+            # DP attention with experts cut over every device of the stage: gather the replicas'
+            # tokens, run each expert's shard on all of them, reduce-scatter the partial sums.
+            nbytes = group_tokens * h * self.act_bytes
+            gather = all_gather_time(self.graph, self.stage, nbytes)
+            gather.name = "moe_all_gather"
+            ops.append(gather)
+            ops.append(moe_layer_time(self.device, counts, tokens=group_tokens, hidden=h, inter=moe.expert_inter, top_k=moe.top_k,
+                                      dtype=self.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated, router=False))
+            scatter = reduce_scatter_time(self.graph, self.stage, nbytes)
+            scatter.name = "moe_reduce_scatter"
+            ops.append(scatter)
+        elif lay.ep == 1:
             ops.append(moe_layer_time(self.device, counts, tokens=tokens, hidden=h, inter=moe.expert_inter, top_k=moe.top_k,
                                       dtype=self.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated, router=False))
         else:
@@ -241,7 +269,7 @@ class _Costing:
             ops.extend(self.dense_ffn(tokens, moe.shared_inter, "shared_expert"))
         if arch.dense_residual_inter:
             ops.extend(self.dense_ffn(tokens, arch.dense_residual_inter, "dense_residual"))
-        if lay.tp > 1 and (moe.shared_inter or arch.dense_residual_inter or lay.ep == 1):
+        if lay.tp > 1 and (moe.shared_inter or arch.dense_residual_inter or (lay.ep == 1 and lay.expert_tp == lay.tp)):
             ops.append(self._tp_all_reduce(tokens))
         return ops
 
@@ -287,7 +315,7 @@ class _Costing:
         tokens = batch * new_tokens
         ops = self.attention(layer, batch, new_tokens, kv_len)
         if layer.moe:
-            ops += self.moe(tokens)
+            ops += self.moe(tokens, new_tokens)
         else:
             ops.append(elementwise(self.device, "post_attn_norm", tokens * self.arch.hidden, "bf16", reads=1, writes=1, flops_per_element=4))
             ops += self.dense_ffn(tokens, layer.dense_inter)
@@ -336,24 +364,41 @@ def _memory(arch: ModelArch, layout: Layout, workload: Workload, device, dtype: 
     }
 
 
+def default_dtypes(arch: ModelArch) -> tuple[str, str]:
+    """The weight and expert dtypes a serving engine loads ``arch`` in by default: the
+    checkpoint's own (DeepSeek-V3's fp8, GPT-OSS's fp4 experts), except that fp32 checkpoints
+    are served in bf16 (vLLM / SGLang ``--dtype auto``)."""
+    weights = "bf16" if canonical_dtype(arch.dtype) in ("fp32", "fp64", "tf32") else arch.dtype
+    return weights, arch.expert_dtype or weights
+
+
+KV_DTYPES = ("bf16", "fp16", "fp8")
+
+
 def estimate(
     arch: ModelArch,
     cluster: Cluster,
     layout: Layout,
     workload: Workload,
     *,
-    dtype: str = "bf16",
+    dtype: str | None = None,
     expert_dtype: str | None = None,
     kv_dtype: str | None = None,
 ) -> Estimate:
     """Memory fit, per-layer operator times and step times of ``arch`` on ``cluster`` with
-    ``layout`` serving ``workload`` (see the module docstring for what is assumed)."""
-    expert_dtype = expert_dtype or dtype
-    kv_dtype = kv_dtype or ("bf16" if canonical_dtype(dtype) in ("int4", "fp4") else canonical_dtype(dtype))
-    if canonical_dtype(kv_dtype) not in ("bf16", "fp16", "fp8"):
-        kv_dtype = "bf16"
-    costing = _Costing(arch, cluster, layout, workload, dtype, expert_dtype, kv_dtype)
-    batch = costing_batch = -(-workload.batch // layout.dp)
+    ``layout`` serving ``workload`` (see the module docstring for what is assumed). Weight dtypes
+    default to the checkpoint's (:func:`default_dtypes`); the KV cache to bf16."""
+    default_weights, default_experts = default_dtypes(arch)
+    dtype = dtype or default_weights
+    expert_dtype = expert_dtype or (default_experts if dtype == default_weights else dtype)
+    kv_dtype = kv_dtype or "bf16"
+    if canonical_dtype(kv_dtype) not in KV_DTYPES:
+        raise InputError(f"KV-cache dtype {kv_dtype!r} is not supported; expected one of {', '.join(KV_DTYPES)}",
+                         field="--kv-dtype")
+    per_replica = -(-workload.batch // layout.dp)
+    micro = -(-per_replica // layout.pp)
+    costing = _Costing(arch, cluster, layout, workload, dtype, expert_dtype, kv_dtype,
+                       group_sequences=-(-workload.batch // layout.pp))
     kinds: dict[str, Layer] = {}
     counts: dict[str, int] = {}
     for layer in arch.layers:
@@ -361,29 +406,25 @@ def estimate(
         kinds.setdefault(kind, layer)
         counts[kind] = counts.get(kind, 0) + 1
     mid_kv = workload.prompt + max(1, workload.output // 2)
-    prefill = {k: costing.layer(l, costing_batch, workload.prompt, workload.prompt) for k, l in kinds.items()}
-    decode = {k: costing.layer(l, costing_batch, 1, mid_kv) for k, l in kinds.items()}
-    prefill["lm_head"] = costing.lm_head(batch)
-    decode["lm_head"] = costing.lm_head(batch)
+    prefill = {k: costing.layer(l, micro, workload.prompt, workload.prompt) for k, l in kinds.items()}
+    decode = {k: costing.layer(l, micro, 1, mid_kv) for k, l in kinds.items() if not l.encoder}
+    prefill["lm_head"] = costing.lm_head(micro)
+    decode["lm_head"] = costing.lm_head(micro)
     counts["lm_head"] = 1
 
-    def totals(layers: dict[str, OpCost], new_tokens: int) -> tuple[float, float]:
-        model_time = sum(layers[k].time * n for k, n in counts.items())
-        stage_time = model_time / layout.pp
+    def step(layers: dict[str, OpCost], new_tokens: int) -> float:
+        model_time = sum(layers[k].time * n for k, n in counts.items() if k in layers)
         hop = 0.0
         if layout.pp > 1:
             hop = transfer_time(costing.graph, costing.ranks[0], costing.ranks[layout.stage_devices],
-                                batch * new_tokens * arch.hidden * 2).time
-        return model_time + (layout.pp - 1) * hop, stage_time + hop
+                                micro * new_tokens * arch.hidden * 2).time
+        return model_time + (layout.pp - 1) * hop
 
-    prefill_step, prefill_interval = totals(prefill, workload.prompt)
-    decode_step, decode_interval = totals(decode, 1)
     memory = _memory(arch, layout, workload, costing.device, dtype, expert_dtype, kv_dtype)
     return Estimate(
         model=arch.name, cluster=cluster.name, layout=layout, workload=workload,
         dtype=dtype, expert_dtype=expert_dtype, kv_dtype=kv_dtype, memory=memory,
         prefill_layers=prefill, decode_layers=decode, layer_counts=counts,
-        prefill_step=prefill_step, decode_step=decode_step,
-        prefill_interval=prefill_interval, decode_interval=decode_interval,
+        prefill_step=step(prefill, workload.prompt), decode_step=step(decode, 1),
         extras={"device": costing.device.name, "price_per_hour": costing.device.price_per_hour * layout.devices},
     )

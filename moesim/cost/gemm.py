@@ -65,7 +65,8 @@ def gemm_time(
     variant = dtype.lower()
     dtype = canonical_dtype(dtype)
     out_dtype = canonical_dtype(out_dtype or ("bf16" if dtype in ("fp8", "int8", "int4", "fp4", "fp6") else dtype))
-    weight_only = dtype in ("int4", "fp4") and "fp4" not in device.flops
+    # int4 is weight-only (W4A16) everywhere; fp4 runs natively where the tensor cores take it
+    weight_only = dtype == "int4" or (dtype == "fp4" and "fp4" not in device.flops)
     act_dtype = "bf16" if weight_only else dtype
     flops = 2.0 * m * n * k
     bytes_moved = m * k * dtype_bytes(act_dtype) + k * n * dtype_bytes(dtype) + m * n * dtype_bytes(out_dtype)

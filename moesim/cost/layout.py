@@ -63,10 +63,9 @@ def make_layout(
     att = arch.attention
     if att.num_heads % tp:
         raise LayoutError(f"TP {tp} does not divide the {att.num_heads} attention heads of {arch.name}", field="--tp")
-    if att.kind != "mla" and tp > att.num_kv_heads and tp % att.num_kv_heads:
-        raise LayoutError(
-            f"TP {tp} is neither a divisor nor a multiple of the {att.num_kv_heads} KV heads of {arch.name}", field="--tp"
-        )
+    kv = att.num_kv_heads
+    if att.kind != "mla" and (kv % tp if tp <= kv else tp % kv):
+        raise LayoutError(f"TP {tp} is neither a divisor nor a multiple of the {kv} KV heads of {arch.name}", field="--tp")
     if pp > arch.num_layers:
         raise LayoutError(f"PP {pp} exceeds the {arch.num_layers} layers of {arch.name}", field="--pp")
     if arch.moe is not None:

@@ -80,6 +80,11 @@ def build(cluster: Cluster) -> nx.DiGraph:
     """Build the graph of ``cluster`` (see the module docstring for its nodes and edges)."""
     node = cluster.node
     graph = nx.DiGraph(name=cluster.name)
+    for role, group, kinds in (("accelerators", node.accelerators, ("gpu", "npu")), ("cpus", node.cpus, ("cpu",)),
+                               ("ssds", node.ssds, ("ssd",))):
+        if group is not None and catalog.device(group.device, field=f"node.{role}.device").kind not in kinds:
+            raise InputError(f"{group.device!r} is a {catalog.device(group.device).kind}; expected a {' or '.join(kinds)}",
+                             source=cluster.name, field=f"node.{role}.device")
     cpu = catalog.device(node.cpus.device, field="node.cpus.device")
     host_link = catalog.link(node.host_link, field="node.host_link")
     acc_spec = catalog.device(node.accelerators.device, field="node.accelerators.device") if node.accelerators else None

@@ -109,6 +109,8 @@ def power_law_counts(
 ) -> np.ndarray:
     """Skewed tokens per expert with exponent ``alpha`` (> 1 is more skewed), heaviest EP rank
     first. See the module docstring for the procedure."""
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise InputError(f"power-law exponent must be a positive number, got {alpha}", field="--routing")
     if alpha == 1.0:
         raise InputError("power-law exponent 1.0 is degenerate; use e.g. 1.01", field="--routing")
     if num_experts % ep:

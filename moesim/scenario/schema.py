@@ -34,11 +34,11 @@ class WorkloadSpec(_Strict):
 
 class Routing(_Strict):
     distribution: str = Field("balanced", description="balanced, power_law:ALPHA or a .npz trace path")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class Dtypes(_Strict):
-    weights: str = "bf16"
+    weights: str | None = Field(None, description="default: the checkpoint's (fp32 checkpoints in bf16)")
     experts: str | None = None
     kv_cache: str | None = None
 
