@@ -4,7 +4,8 @@ parameter says."""
 import numpy as np
 import pytest
 
-from moesim.routing.generate import drop_over_capacity, generate_tokens, tokens_per_expert
+from moesim.routing.generate import drop_over_capacity, generate_tokens
+from moesim.routing.trace import tokens_per_expert
 from moesim.routing.profile import RoutingProfile, alias_tables
 
 CASES = {

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from moesim.routing import stats
-from moesim.routing.generate import generate_tokens, tokens_per_expert
+from moesim.routing.generate import generate_tokens
+from moesim.routing.trace import tokens_per_expert
 from moesim.routing.profile import RoutingProfile
 
 

@@ -13,6 +13,7 @@ from moesim.errors import InputError, from_validation
 from moesim.files import atomic_write, load_yaml
 from moesim.models import load_model
 from moesim.routing import stats
+from moesim.routing.fit import Targets, fit, targets_from_trace
 from moesim.routing.formats import FORMATS, read_trace, write_trace
 from moesim.routing.generate import generate_counts, generate_tokens
 from moesim.routing.profile import RoutingProfile
@@ -57,25 +58,25 @@ def register(sub, formatter) -> None:
     conv.add_argument("--batch", type=int, help="tokens per step when writing counts from a token-level trace")
     conv.set_defaults(func=_convert)
 
-    fit = verbs.add_parser("fit", help="fit a routing profile to target statistics", formatter_class=formatter,
+    fitter = verbs.add_parser("fit", help="fit a routing profile to target statistics", formatter_class=formatter,
                            epilog=("examples:\n"
                                    "  moesim trace fit --model mixtral-8x7b --trace recorded.npz -o mixtral-profile.yaml\n"
                                    "  moesim trace fit --model mixtral-8x7b --imbalance 1.6 --batch 256 --hit-rate 2x:0.62 -o p.yaml"))
-    base = fit.add_mutually_exclusive_group(required=True)
+    base = fitter.add_mutually_exclusive_group(required=True)
     base.add_argument("--model", help="model preset: the profile's shape")
     base.add_argument("--profile", help="a routing profile YAML to start from")
-    fit.add_argument("--trace", help="take the targets from this recorded token-level trace")
-    fit.add_argument("--imbalance", type=float, help="target max / mean tokens per expert at --batch")
-    fit.add_argument("--batch", type=int, default=1024, help="tokens per step for the imbalance target (default 1024)")
-    fit.add_argument("--repeat-rate", type=float, help="target share of choices repeating one of the previous token's")
-    fit.add_argument("--hit-rate", action="append", default=[], metavar="SIZE:RATE",
+    fitter.add_argument("--trace", help="take the targets from this recorded token-level trace")
+    fitter.add_argument("--imbalance", type=float, help="target max / mean tokens per expert at --batch")
+    fitter.add_argument("--batch", type=int, default=1024, help="tokens per step for the imbalance target (default 1024)")
+    fitter.add_argument("--repeat-rate", type=float, help="target share of choices repeating one of the previous token's")
+    fitter.add_argument("--hit-rate", action="append", default=[], metavar="SIZE:RATE",
                      help="target LRU hit rate at a cache size, in experts (4:0.6) or multiples of top-k (2x:0.6); repeatable")
-    fit.add_argument("--mutual-information", type=float, help="target cross-layer mutual information, bits")
-    fit.add_argument("--tokens", type=int, default=20_000, help="tokens per evaluation trace (default 20000)")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("-o", "--output", help="write the fitted profile as YAML")
-    fit.add_argument("--json", action="store_true", help="print the fit report as JSON")
-    fit.set_defaults(func=_fit, skew=None, locality=None, affinity=None, drift=None, domains=None)
+    fitter.add_argument("--mutual-information", type=float, help="target cross-layer mutual information, bits")
+    fitter.add_argument("--tokens", type=int, default=20_000, help="tokens per evaluation trace (default 20000)")
+    fitter.add_argument("--seed", type=int, default=0)
+    fitter.add_argument("-o", "--output", help="write the fitted profile as YAML")
+    fitter.add_argument("--json", action="store_true", help="print the fit report as JSON")
+    fitter.set_defaults(func=_fit, skew=None, locality=None, affinity=None, drift=None, domains=None)
 
     st = verbs.add_parser("stats", help="load balance, locality, cache hit rates, affinity", formatter_class=formatter,
                           epilog="example:\n  moesim trace stats mixtral.npz --ep 8 --figures out/ --json")
@@ -157,8 +158,6 @@ def _hit_rates(items: list[str], top_k: int) -> dict[int, float]:
 
 
 def _fit(args) -> int:
-    from moesim.routing.fit import Targets, fit, targets_from_trace
-
     base = _profile(args)
     if args.trace:
         trace = read_trace(args.trace)

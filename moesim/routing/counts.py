@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from moesim.errors import InputError
+from moesim.routing.trace import load_trace
 
 
 def balanced_ids(tokens: int, num_experts: int, top_k: int) -> np.ndarray:
@@ -142,8 +143,6 @@ def power_law_counts(
 def counts_from_trace(path: str | Path, num_experts: int, *, layer: int | None = None) -> np.ndarray:
     """Mean tokens-per-expert fractions of a native trace file (token or count level), as a
     float array summing to 1. ``layer`` picks one layer; by default all layers are pooled."""
-    from moesim.routing.trace import load_trace
-
     trace = load_trace(path)
     if trace.num_experts != num_experts:
         raise InputError(f"trace has {trace.num_experts} experts per layer; the model has {num_experts}", source=str(path))

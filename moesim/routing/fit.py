@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moesim.routing import stats
-from moesim.routing.generate import generate_tokens, tokens_per_expert
+from moesim.routing.generate import generate_tokens
 from moesim.routing.profile import RoutingProfile
+from moesim.routing.trace import tokens_per_expert
 
 BOUNDS = {"skew": (0.0, 3.0), "locality": (0.0, 0.95), "affinity": (0.0, 0.95)}
 
@@ -52,7 +53,7 @@ def measure(ids: np.ndarray, num_experts: int, targets: Targets) -> dict[str, fl
     if targets.imbalance is not None:
         out["imbalance"] = float(np.mean(stats.imbalance(tokens_per_expert(ids, num_experts, targets.batch))))
     if targets.repeat_rate is not None:
-        out["repeat_rate"] = float(np.mean((ids[1:, :, :, None] == ids[:-1, :, None, :]).any(axis=3)))
+        out["repeat_rate"] = float(np.mean(stats.repeat_rate(ids)))
     if targets.mutual_information is not None:
         mi = stats.affinity(ids, num_experts)[1]
         out["mutual_information"] = float(mi.mean()) if mi.size else 0.0

@@ -24,6 +24,7 @@ import numba
 import numpy as np
 
 from moesim.routing.profile import RoutingProfile, Tables, build_tables
+from moesim.routing.trace import tokens_per_expert
 
 _TRIES = 16
 _BELOW_ONE = 1.0 - 2.0**-53
@@ -471,17 +472,6 @@ def generate_tokens(profile: RoutingProfile, tokens: int, seed: int = 0, *, impl
         ids = drop_over_capacity(ids, profile.num_experts, profile.capacity_factor, profile.capacity_batch)
     return ids
 
-
-def tokens_per_expert(ids: np.ndarray, num_experts: int, batch: int) -> np.ndarray:
-    """Aggregate a token-level trace into count-level loads ``[steps, layers, experts]`` over
-    steps of ``batch`` consecutive tokens (the last, partial step is dropped)."""
-    tokens, layers, k = ids.shape
-    steps = tokens // batch
-    block = ids[: steps * batch].reshape(steps, batch, layers, k).astype(np.int64)
-    flat = np.where(block >= 0, block + num_experts * (np.arange(layers)[None, None, :, None]
-                                                       + layers * np.arange(steps)[:, None, None, None]), -1)
-    counts = np.bincount(flat[flat >= 0].ravel(), minlength=steps * layers * num_experts)
-    return counts.reshape(steps, layers, num_experts)
 
 
 def _inclusion(profile: RoutingProfile, seed: int, sample: int) -> np.ndarray:

@@ -249,6 +249,14 @@ def reuse_distance(ids: np.ndarray, num_experts: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def repeat_rate(ids: np.ndarray) -> np.ndarray:
+    """Per layer, the share of choices that repeat one of the previous token's choices."""
+    ids = np.asarray(ids)
+    repeats = (ids[1:, :, :, None] == ids[:-1, :, None, :]).any(axis=3) & (ids[1:] >= 0)
+    valid = (ids[1:] >= 0).sum(axis=(0, 2))
+    return repeats.sum(axis=(0, 2)) / np.maximum(valid, 1)
+
+
 def srp(ids: np.ndarray, num_experts: int, segment: int) -> np.ndarray:
     """Per layer SRP for segments of ``segment`` tokens (see the module docstring)."""
     ids = np.asarray(ids)
@@ -339,5 +347,5 @@ def summary(trace, *, batch: int, ep: int, multiples: list[float], segment: int)
         result[f"hit_rate_{policy}"] = {str(c): float(curves[policy][:, c].mean()) for c in sizes}
     result["srp"] = srp(ids, E, min(segment, ids.shape[0])).tolist()
     result["affinity_mutual_information_bits"] = affinity(ids, E)[1].tolist()
-    result["repeat_rate"] = [float((ids[1:, l, :, None] == ids[:-1, l, None, :]).any(axis=2).mean()) for l in range(ids.shape[1])]
+    result["repeat_rate"] = repeat_rate(ids).tolist()
     return result, curves

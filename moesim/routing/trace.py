@@ -60,10 +60,20 @@ class Trace:
         trace aggregated over steps of ``batch`` tokens (default: the whole trace as one step)."""
         if self.counts is not None:
             return np.asarray(self.counts)
-        from moesim.routing.generate import tokens_per_expert
-
         ids = self.topk_ids
         return tokens_per_expert(np.asarray(ids), self.num_experts, batch or ids.shape[0])
+
+
+def tokens_per_expert(ids: np.ndarray, num_experts: int, batch: int) -> np.ndarray:
+    """Aggregate a token-level trace into count-level loads ``[steps, layers, experts]`` over
+    steps of ``batch`` consecutive tokens (the last, partial step is dropped)."""
+    tokens, layers, k = ids.shape
+    steps = tokens // batch
+    block = ids[: steps * batch].reshape(steps, batch, layers, k).astype(np.int64)
+    flat = np.where(block >= 0, block + num_experts * (np.arange(layers)[None, None, :, None]
+                                                       + layers * np.arange(steps)[:, None, None, None]), -1)
+    counts = np.bincount(flat[flat >= 0].ravel(), minlength=steps * layers * num_experts)
+    return counts.reshape(steps, layers, num_experts)
 
 
 def save_trace(path: str | Path, trace: Trace) -> Path:
