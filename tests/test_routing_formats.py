@@ -80,3 +80,11 @@ def test_sglang_stat_and_per_token_dumps(tmp_path):
     assert trace.num_experts == 16 and np.array_equal(trace.topk_ids, ids)
     out = write_trace(tmp_path / "converted.npz", trace)
     assert np.array_equal(read_trace(out).topk_ids, ids)
+
+    # physical slots: 20 slots per layer, slot s holding logical expert s % 16
+    physical = tmp_path / "physical.pt"
+    slots = np.where(full % 2 == 0, full, full + 16 * (full < 4))  # odd experts below 4 use their redundant slot
+    records = [{"forward_pass_id": 0, "rank": 0, "topk_ids_of_layer": torch.from_numpy(slots.transpose(1, 0, 2).copy())}]
+    torch.save({"records": records, "last_physical_to_logical_map": (torch.arange(20) % 16).repeat(5, 1)}, physical)
+    mapped = read_trace(physical, num_experts=16, physical=True)
+    assert np.array_equal(mapped.topk_ids, ids)

@@ -56,6 +56,8 @@ def register(sub, formatter) -> None:
     conv.add_argument("--to", dest="dst_format", choices=["npz", "csv", "exflow"], help="output format (default: from the suffix)")
     conv.add_argument("--experts", type=int, help="experts per layer (default: from the file)")
     conv.add_argument("--batch", type=int, help="tokens per step when writing counts from a token-level trace")
+    conv.add_argument("--physical", action="store_true",
+                      help="SGLang per-token ids are physical slots: map them to logical experts")
     conv.set_defaults(func=_convert)
 
     fitter = verbs.add_parser("fit", help="fit a routing profile to target statistics", formatter_class=formatter,
@@ -136,7 +138,7 @@ def _generate(args) -> int:
 
 
 def _convert(args) -> int:
-    trace = read_trace(args.input, args.src_format or "", args.experts)
+    trace = read_trace(args.input, args.src_format or "", args.experts, physical=args.physical)
     write_trace(args.output, trace, args.dst_format or "", batch=args.batch)
     console.print(f"wrote {args.output}: {trace.level}-level, {trace.num_layers} layers x {trace.num_experts} experts")
     return 0

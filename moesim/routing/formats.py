@@ -45,7 +45,10 @@ def _numpy(value) -> np.ndarray:
     return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
 
-def read_sglang(path: Path, num_experts: int | None = None) -> Trace:
+def read_sglang(path: Path, num_experts: int | None = None, *, physical: bool = False) -> Trace:
+    """An SGLang dump; with ``physical`` the per-token ids are physical slots (redundant
+    experts included), mapped to logical experts through the dump's
+    ``last_physical_to_logical_map``."""
     torch = _torch(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,6 +81,14 @@ def read_sglang(path: Path, num_experts: int | None = None) -> Trace:
         if not parts:
             raise InputError("the dump holds no tokens", source=str(path), field="records")
         ids = np.concatenate(parts).astype(np.int64)
+        if physical:
+            if "last_physical_to_logical_map" not in data:
+                raise InputError("physical ids need 'last_physical_to_logical_map' in the dump", source=str(path))
+            p2l = _numpy(data["last_physical_to_logical_map"]).astype(np.int64)
+            if p2l.ndim != 2 or p2l.shape[0] != ids.shape[1] or ids.max() >= p2l.shape[1]:
+                raise InputError(f"last_physical_to_logical_map {p2l.shape} does not fit ids of {ids.shape[1]} layers",
+                                 source=str(path), field="last_physical_to_logical_map")
+            ids = np.where(ids >= 0, np.take_along_axis(p2l[None, :, :].repeat(ids.shape[0], 0), np.maximum(ids, 0), axis=2), -1)
         kept = np.flatnonzero(np.any(ids != 0, axis=(0, 2)))
         experts = num_experts
         if experts is None and "last_physical_to_logical_map" in data:
@@ -126,13 +137,15 @@ def read_counts_csv(path: Path, num_experts: int | None = None) -> Trace:
     return Trace(num_experts=experts, counts=counts, metadata={"source": f"csv {path.name}"})
 
 
-def read_trace(path: str | Path, fmt: str = "", num_experts: int | None = None) -> Trace:
-    """Read a trace in ``fmt`` (guessed from the suffix when empty)."""
+def read_trace(path: str | Path, fmt: str = "", num_experts: int | None = None, *, physical: bool = False) -> Trace:
+    """Read a trace in ``fmt`` (guessed from the suffix when empty); ``physical`` applies to
+    SGLang per-token dumps (see :func:`read_sglang`)."""
     path = Path(path)
     fmt = fmt or guess_format(path)
     if not path.is_file():
         raise InputError("file not found", source=str(path))
-    readers = {"npz": lambda p, e: load_trace(p), "sglang": read_sglang, "exflow": read_exflow, "csv": read_counts_csv}
+    readers = {"npz": lambda p, e: load_trace(p), "sglang": lambda p, e: read_sglang(p, e, physical=physical),
+               "exflow": read_exflow, "csv": read_counts_csv}
     if fmt not in readers:
         raise InputError(f"cannot tell the format; give --from with one of {', '.join(FORMATS)}", source=str(path))
     trace = readers[fmt](path, num_experts)
