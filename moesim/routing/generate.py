@@ -42,7 +42,7 @@ _GROUP_SLOT = 200  # slot numbers from here on are group-selection draws
 ALGORITHM_CODES = {"token_choice": 0, "group_limited": 1, "grouped": 2, "dynamic_k": 3}
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _hash(seed, token, layer, slot, draw):
     key = (np.uint64(layer) * np.uint64(256) + np.uint64(slot)) * np.uint64(256) + np.uint64(draw)
     x = np.uint64(seed) * _GOLDEN ^ np.uint64(token) * _MIX1 ^ key * _MIX2
@@ -51,13 +51,13 @@ def _hash(seed, token, layer, slot, draw):
     return x ^ (x >> np.uint64(31))
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _uniform(seed, token, layer, slot, draw):
     # through int64: the 53-bit value fits, and a signed conversion is one instruction
     return float(np.int64(_hash(seed, token, layer, slot, draw) >> np.uint64(11))) * (1.0 / 9007199254740992.0)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _field(h, shift):
     """A 21-bit uniform in [0, 1) from bits ``shift``.. of hash ``h``."""
     return float(np.int64((h >> np.uint64(shift)) & np.uint64(0x1FFFFF))) * (1.0 / 2097152.0)
@@ -86,13 +86,13 @@ def field_np(h: np.ndarray, shift: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _at(cdf, ep, dom, layer, i):
     """Cumulative popularity through expert ``i`` (0 before expert 0)."""
     return 0.0 if i < 0 else cdf[ep, dom, layer, i]
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _taken(cand, chosen, j):
     for i in range(j):
         if chosen[i] == cand:
@@ -100,14 +100,14 @@ def _taken(cand, chosen, j):
     return False
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _allowed(cand, algo, g_lo, g_hi, group_size, group_sel):
     if algo == 1:
         return group_sel[cand // group_size]
     return g_lo <= cand < g_hi
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _route_one(seed, t, layer, cdf, gmass, alias_prob, alias_idx, ep, dom, k, E, algo, n_group, topk_group, prev, succ, fan,
                locality, affinity, null_rate, threshold, out, chosen, group_sel, gm, sel_list):
     """Route token ``t`` at ``layer``: writes ``out[layer, :k]`` (-1 for no expert) and the
@@ -208,7 +208,7 @@ def _route_one(seed, t, layer, cdf, gmass, alias_prob, alias_idx, ep, dom, k, E,
                 break
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, error_model="numpy")
 def _generate_kernel(seed, cdf, gmass, alias_prob, alias_idx, successors, seq_start, seq_domain, interval, locality, affinity, k,
                      algo, n_group, topk_group, null_rate, threshold, out):
     tokens, L, _ = out.shape
