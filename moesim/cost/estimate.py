@@ -168,7 +168,7 @@ class _Costing:
         self.arch, self.layout, self.workload = arch, layout, workload
         self.group_sequences = group_sequences  # sequences of all DP replicas in one micro-batch
         self.dtype, self.expert_dtype, self.kv_dtype = dtype, expert_dtype, kv_dtype
-        self.graph = topology(cluster.name) if cluster.name else topology(cluster)
+        self.graph = topology(cluster)
         self.ranks = accelerators(self.graph)
         self.device = self.graph.nodes[self.ranks[0]]["spec"]
         self.stage = self.ranks[: layout.stage_devices]
@@ -192,7 +192,7 @@ class _Costing:
     def attention(self, layer: Layer, batch: int, new_tokens: int, kv_len: int) -> list[OpCost]:
         """Norm, projections, attention core and TP all-reduce for ``batch`` sequences adding
         ``new_tokens`` each over a cache of ``kv_len`` (prefill: ``kv_len == new_tokens``)."""
-        arch, att, h = self.arch, self.arch.attention, self.arch.hidden
+        att, h = self.arch.attention, self.arch.hidden
         tokens = batch * new_tokens
         ops = [elementwise(self.device, "input_norm", tokens * h, "bf16", reads=1, writes=1, flops_per_element=4)]
         prefill = new_tokens > 1

@@ -163,15 +163,10 @@ def counts_from_fractions(fractions: np.ndarray, tokens: int, top_k: int) -> np.
     total = tokens * top_k
     raw = np.asarray(fractions, dtype=np.float64) * total
     counts = np.minimum(np.floor(raw).astype(np.int64), tokens)
-    order = np.argsort(-(raw - counts), kind="stable")
     short = total - int(counts.sum())
-    i = 0
-    while short > 0 and i < 4 * len(order) + total:
-        e = order[i % len(order)]
-        if counts[e] < tokens:
-            counts[e] += 1
-            short -= 1
-        i += 1
+    open_experts = np.flatnonzero(counts < tokens)
+    largest = open_experts[np.argsort(-(raw - counts)[open_experts], kind="stable")]
+    counts[largest[:short]] += 1
     return counts
 
 
