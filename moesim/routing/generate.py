@@ -32,11 +32,14 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
-# Draw numbers inside one (token, layer, slot): draw 0's 64 bits hold three 21-bit fields (the
-# locality test, the affinity test, the successor pick); the null test and each popularity
-# attempt take a draw of their own.
+# Draw numbers inside one (token, layer, slot): draw 0's 64 bits hold the locality test (bits
+# 0-15), the affinity test (bits 16-31), the successor pick (bits 32-39, so ``fanout`` <= 256)
+# and the first popularity attempt (bits 40-63); the null test and the later popularity
+# attempts take a draw of their own. The group selection of a
+# (token, layer) takes 16-bit fields of the draws of slot _GROUP_SLOT + i // 4. One hash thus
+# serves the common path of a slot, which sets the kernel's speed.
 _D_TESTS, _D_NULL, _D_POP = 0, 3, 4
-_SHIFT_LOCAL, _SHIFT_AFFINE, _SHIFT_SUCC = 0, 21, 42
+_SHIFT_LOCAL, _SHIFT_AFFINE, _SHIFT_SUCC, _SHIFT_POP = 0, 16, 32, 40
 _GROUP_SLOT = 200  # slot numbers from here on are group-selection draws
 
 ALGORITHM_CODES = {"token_choice": 0, "group_limited": 1, "grouped": 2, "dynamic_k": 3}
@@ -59,8 +62,20 @@ def _uniform(seed, token, layer, slot, draw):
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
 def _field(h, shift):
-    """A 21-bit uniform in [0, 1) from bits ``shift``.. of hash ``h``."""
-    return float(np.int64((h >> np.uint64(shift)) & np.uint64(0x1FFFFF))) * (1.0 / 2097152.0)
+    """A 16-bit uniform in [0, 1) from bits ``shift``.. of hash ``h``."""
+    return float(np.int64((h >> np.uint64(shift)) & np.uint64(0xFFFF))) * (1.0 / 65536.0)
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _succ_field(h):
+    """An 8-bit uniform in [0, 1) from bits 32-39 of hash ``h``: the successor pick."""
+    return float(np.int64((h >> np.uint64(_SHIFT_SUCC)) & np.uint64(0xFF))) * (1.0 / 256.0)
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _pop_field(h):
+    """A 24-bit uniform in [0, 1) from bits 40-63 of hash ``h``: the first popularity attempt."""
+    return float(np.int64(h >> np.uint64(_SHIFT_POP))) * (1.0 / 16777216.0)
 
 
 def hash_np(seed: int, token: np.ndarray, layer: int, slot: int, draw: int) -> np.ndarray:
@@ -78,7 +93,15 @@ def uniform_np(seed: int, token: np.ndarray, layer: int, slot: int, draw: int) -
 
 
 def field_np(h: np.ndarray, shift: int) -> np.ndarray:
-    return ((h >> np.uint64(shift)) & np.uint64(0x1FFFFF)).astype(np.float64) * (1.0 / 2097152.0)
+    return ((h >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.float64) * (1.0 / 65536.0)
+
+
+def succ_field_np(h: np.ndarray) -> np.ndarray:
+    return ((h >> np.uint64(_SHIFT_SUCC)) & np.uint64(0xFF)).astype(np.float64) * (1.0 / 256.0)
+
+
+def pop_field_np(h: np.ndarray) -> np.ndarray:
+    return (h >> np.uint64(_SHIFT_POP)).astype(np.float64) * (1.0 / 16777216.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,15 +124,35 @@ def _taken(cand, chosen, j):
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _allowed(cand, algo, g_lo, g_hi, group_size, group_sel):
+def _allowed(cand, algo, g_lo, g_hi, group_of, group_sel):
     if algo == 1:
-        return group_sel[cand // group_size]
+        return group_sel[group_of[cand]]
     return g_lo <= cand < g_hi
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
+def _popularity_draw(u, algo, sel_mass, n_sel, sel_list, sel_before, sel_inv, g, group_size, alias_prob, alias_idx, ep, dom, layer):
+    """The expert that uniform ``u`` picks from the popularity of the allowed experts: under
+    group-limited routing first a chosen group by mass (``sel_before``: the mass of the chosen
+    groups before each, ``sel_inv``: the inverse of each one's mass, 0 for none), then an expert inside the group ``g`` by its alias table. The group is found
+    by counting, not by a loop that exits at a random point (a mispredicted branch per draw)."""
+    if algo == 1:
+        target = u * sel_mass
+        si = 0
+        for q in range(1, n_sel):
+            si += sel_before[q] <= target
+        g = sel_list[si]
+        u = min(max((target - sel_before[si]) * sel_inv[si], 0.0), _BELOW_ONE)
+    x = u * group_size
+    i = int(x)
+    other = np.int64(x - i >= alias_prob[ep, dom, layer, g, i])
+    i += other * (alias_idx[ep, dom, layer, g, i] - i)
+    return g * group_size + i
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _route_one(seed, t, layer, cdf, gmass, alias_prob, alias_idx, ep, dom, k, E, algo, n_group, topk_group, prev, succ, fan,
-               locality, affinity, null_rate, threshold, out, chosen, group_sel, gm, sel_list):
+               locality, affinity, null_rate, threshold, out, chosen, group_sel, gm, cum, sel_list, sel_before, sel_inv, group_of):
     """Route token ``t`` at ``layer``: writes ``out[layer, :k]`` (-1 for no expert) and the
     choices before null-dropping into ``chosen``. ``prev[layer]`` holds the previous token's
     choices at this layer, ``prev[layer - 1]`` already this token's at the layer above."""
@@ -117,84 +160,80 @@ def _route_one(seed, t, layer, cdf, gmass, alias_prob, alias_idx, ep, dom, k, E,
     sel_mass = 0.0
     n_sel = 0
     if algo == 1:  # group-limited: pick topk_group groups by mass, without replacement
-        remaining = 0.0
+        # cum[g]: the open mass of groups 0..g; a pick is the number of groups whose cum lies
+        # at or below the target (independent compares, not a chain of dependent adds), and
+        # picking a group takes its mass off the groups from it on.
+        acc = 0.0
         for g in range(n_group):
             group_sel[g] = False
             gm[g] = gmass[ep, dom, layer, g]
-            remaining += gm[g]
+            acc += gm[g]
+            cum[g] = acc
+        hg = np.uint64(0)
         for i in range(topk_group):
-            target = _uniform(seed, t, layer, _GROUP_SLOT + i, 0) * remaining
-            acc = 0.0
-            pick = -1
+            if i % 4 == 0:
+                hg = _hash(seed, t, layer, _GROUP_SLOT + i // 4, 0)
+            target = _field(hg, 16 * (i % 4)) * cum[n_group - 1]
+            pick = 0
             for g in range(n_group):
-                if group_sel[g]:
-                    continue
-                acc += gm[g]
-                pick = g
-                if acc > target:
-                    break
+                pick += cum[g] <= target
+            if pick >= n_group or group_sel[pick]:  # rounding: the first open group past the target, else the last open one
+                pick = -1
+                for g in range(n_group):
+                    if not group_sel[g]:
+                        pick = g
+                        if cum[g] > target:
+                            break
             group_sel[pick] = True
-            sel_mass += gm[pick]
-            remaining -= gm[pick]
+            m = gm[pick]
+            sel_mass += m
+            for g in range(pick, n_group):
+                cum[g] -= m
+            cum[pick] = cum[pick - 1] if pick > 0 else 0.0
+        acc = 0.0
         for g in range(n_group):  # the chosen groups in index order, for the draws below
             if group_sel[g]:
                 sel_list[n_sel] = g
+                sel_before[n_sel] = acc
+                sel_inv[n_sel] = 1.0 / gm[g] if gm[g] > 0.0 else 0.0
+                acc += gm[g]
                 n_sel += 1
     for j in range(k):
         chosen[j] = -1
         out[layer, j] = -1
     mass = 0.0
-    per_group = k // n_group
+    g_fix = 0
+    g_lo = 0
+    g_hi = E
     for j in range(k):
         if algo == 2:
-            g_lo = (j // per_group) * group_size
+            g_fix = j // (k // n_group)
+            g_lo = g_fix * group_size
             g_hi = g_lo + group_size
-        else:
-            g_lo = 0
-            g_hi = E
+        h = _hash(seed, t, layer, j, _D_TESTS)
         pick = -1
-        h = _hash(seed, t, layer, j, _D_TESTS) if (locality > 0.0 or affinity > 0.0) else np.uint64(0)
         # 1. temporal locality
         cand = prev[layer, j]
         if locality > 0.0 and cand >= 0 and _field(h, _SHIFT_LOCAL) < locality:
-            if _allowed(cand, algo, g_lo, g_hi, group_size, group_sel) and not _taken(cand, chosen, j):
+            if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, j):
                 pick = cand
         # 2. cross-layer affinity
         if pick < 0 and affinity > 0.0 and prev[layer - 1, j] >= 0 and _field(h, _SHIFT_AFFINE) < affinity:
-            cand = succ[layer - 1, prev[layer - 1, j], int(_field(h, _SHIFT_SUCC) * fan)]
-            if _allowed(cand, algo, g_lo, g_hi, group_size, group_sel) and not _taken(cand, chosen, j):
+            cand = succ[layer - 1, prev[layer - 1, j], int(_succ_field(h) * fan)]
+            if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, j):
                 pick = cand
-        # 3. popularity
+        # 3. popularity, the first attempt from the same hash
         if pick < 0:
             for attempt in range(_TRIES):
-                u = _uniform(seed, t, layer, j, _D_POP + attempt)
-                if algo == 1:
-                    target = u * sel_mass
-                    acc = 0.0
-                    before = 0.0
-                    g = -1
-                    for si in range(n_sel):
-                        g = sel_list[si]
-                        before = acc
-                        acc += gm[g]
-                        if acc > target:
-                            break
-                    m = gm[g]
-                    u = min(max((target - before) / m, 0.0), _BELOW_ONE) if m > 0.0 else 0.0
-                else:
-                    g = g_lo // group_size
-                x = u * group_size
-                i = int(x)
-                # arithmetic select: the comparison is a coin flip, and a branch on it mispredicts
-                other = np.int64(x - i >= alias_prob[ep, dom, layer, g, i])
-                i += other * (alias_idx[ep, dom, layer, g, i] - i)
-                cand = g * group_size + i
+                u = _pop_field(h) if attempt == 0 else _uniform(seed, t, layer, j, _D_POP + attempt)
+                cand = _popularity_draw(u, algo, sel_mass, n_sel, sel_list, sel_before, sel_inv, g_fix, group_size, alias_prob, alias_idx,
+                                        ep, dom, layer)
                 if not _taken(cand, chosen, j):
                     pick = cand
                     break
             if pick < 0:
                 for cand in range(E):
-                    if _allowed(cand, algo, g_lo, g_hi, group_size, group_sel) and not _taken(cand, chosen, j):
+                    if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, j):
                         pick = cand
                         break
         chosen[j] = pick
@@ -220,7 +259,11 @@ def _generate_kernel(seed, cdf, gmass, alias_prob, alias_idx, successors, seq_st
         chosen = np.empty(k, dtype=np.int64)
         group_sel = np.zeros(max(n_group, 1), dtype=np.bool_)
         gm = np.zeros(max(n_group, 1))
+        cum = np.zeros(max(n_group, 1))
         sel_list = np.zeros(max(n_group, 1), dtype=np.int64)
+        sel_before = np.zeros(max(n_group, 1))
+        sel_inv = np.zeros(max(n_group, 1))
+        group_of = np.arange(E) // (E // max(n_group, 1))
         dom = seq_domain[s]
         for t in range(seq_start[s], seq_start[s + 1]):
             ep = min(t // interval, epochs - 1)
@@ -228,7 +271,7 @@ def _generate_kernel(seed, cdf, gmass, alias_prob, alias_idx, successors, seq_st
             for layer in range(L):
                 _route_one(seed, t, layer, cdf, gmass, alias_prob, alias_idx, ep, dom, k, E, algo, n_group, topk_group, prev,
                            successors, fan, locality[layer], affinity[layer] if layer > 0 else 0.0,
-                           null_rate, threshold, token_out, chosen, group_sel, gm, sel_list)
+                           null_rate, threshold, token_out, chosen, group_sel, gm, cum, sel_list, sel_before, sel_inv, group_of)
                 for j in range(k):
                     prev[layer, j] = chosen[j]
 
@@ -264,17 +307,22 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
             if algo == 1:
                 group_sel[:] = False
                 gmass = tables.group_mass[epoch, dom, layer]  # [n, groups]
-                remaining = np.cumsum(gmass, axis=1)[:, -1]
+                cum = np.cumsum(gmass, axis=1)
+                each = np.arange(n)
                 for i in range(profile.topk_group):
-                    masked = np.where(group_sel, 0.0, gmass)
-                    csum = np.cumsum(masked, axis=1)
-                    target = uniform_np(seed, t, layer, _GROUP_SLOT + i, 0) * remaining
-                    over = (csum > target[:, None]) & ~group_sel
-                    last_open = n_group - 1 - np.argmax(~group_sel[:, ::-1], axis=1)
-                    pick = np.where(over.any(axis=1), np.argmax(over, axis=1), last_open)
-                    group_sel[np.arange(n), pick] = True
-                    sel_mass += gmass[np.arange(n), pick]
-                    remaining = remaining - gmass[np.arange(n), pick]
+                    target = field_np(hash_np(seed, t, layer, _GROUP_SLOT + i // 4, 0), 16 * (i % 4)) * cum[:, -1]
+                    pick = (cum <= target[:, None]).sum(axis=1)
+                    odd = pick >= n_group
+                    odd[~odd] = group_sel[each[~odd], pick[~odd]]
+                    for r in np.flatnonzero(odd):  # rounding: the first open group past the target, else the last open one
+                        open_ = np.flatnonzero(~group_sel[r])
+                        past = open_[cum[r, open_] > target[r]]
+                        pick[r] = past[0] if past.size else open_[-1]
+                    group_sel[each, pick] = True
+                    m = gmass[each, pick]
+                    sel_mass += m
+                    cum -= np.where(np.arange(n_group)[None, :] >= pick[:, None], m[:, None], 0.0)
+                    cum[each, pick] = np.where(pick > 0, cum[each, np.maximum(pick - 1, 0)], 0.0)
             chosen = np.full((n, k), -1, dtype=np.int64)
             result = np.full((n, k), -1, dtype=np.int64)
             mass = np.zeros(n)
@@ -304,7 +352,7 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
                 aff = tables.affinity[layer] if layer > 0 else 0.0
                 need = pick < 0
                 base = np.clip(above[:, j], 0, E - 1)
-                cand = succ[max(layer - 1, 0), base, (field_np(h, _SHIFT_SUCC) * fan).astype(np.int64)]
+                cand = succ[max(layer - 1, 0), base, (succ_field_np(h) * fan).astype(np.int64)]
                 ok = need & (above[:, j] >= 0) & (field_np(h, _SHIFT_AFFINE) < aff)
                 ok &= allowed(cand) & ~taken(cand)
                 pick = np.where(ok, cand, pick)
@@ -312,7 +360,7 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
                     need = pick < 0
                     if not need.any():
                         break
-                    u = uniform_np(seed, t, layer, j, _D_POP + attempt)
+                    u = uniform_np(seed, t, layer, j, _D_POP + attempt) if attempt else pop_field_np(h)
                     if algo == 1:
                         target = u * sel_mass
                         gm = np.where(group_sel, tables.group_mass[epoch, dom, layer], 0.0)
@@ -322,8 +370,9 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
                         last_sel = n_group - 1 - np.argmax(group_sel[:, ::-1], axis=1)
                         g = np.where(hit.any(axis=1), np.argmax(hit, axis=1), last_sel)
                         m = gm[np.arange(n), g]
-                        with np.errstate(divide="ignore", invalid="ignore"):
-                            u = np.where(m > 0, np.minimum(np.maximum((target - before[np.arange(n), g]) / m, 0.0), _BELOW_ONE), 0.0)
+                        with np.errstate(divide="ignore"):
+                            inv = np.where(m > 0, 1.0 / m, 0.0)
+                        u = np.minimum(np.maximum((target - before[np.arange(n), g]) * inv, 0.0), _BELOW_ONE)
                     else:
                         g = g_lo // group_size
                     x = u * group_size

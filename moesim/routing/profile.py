@@ -50,7 +50,7 @@ class RoutingProfile(BaseModel):
     skew: float | list[float] = Field(1.0, description="Zipf exponent of expert popularity (0 = uniform)")
     locality: float | list[float] = Field(0.0, description="probability a choice repeats the previous token's")
     affinity: float | list[float] = Field(0.0, description="probability a choice follows the previous layer's expert")
-    fanout: int = Field(4, gt=0, description="preferred successors per expert")
+    fanout: int = Field(4, gt=0, le=256, description="preferred successors per expert")
     domains: int = Field(1, gt=0)
     committee: float = Field(0.25, ge=0, le=1, description="share of top experts every domain keeps")
     drift: float = Field(0.0, ge=0, description="std of the log-popularity step per drift interval")
