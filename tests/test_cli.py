@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from moesim.cli import main
 
@@ -185,6 +186,19 @@ def test_trace_fit_writes_a_profile_that_generates(tmp_path, capsys):
     assert main(["trace", "generate", "--profile", str(profile), "--tokens", "500", "-o", str(tmp_path / "again.npz")]) == 0
     _one_line_error(run("trace", "fit", "--model", "olmoe-1b-7b"), "--trace")
     _one_line_error(run("trace", "fit", "--model", "olmoe-1b-7b", "--hit-rate", "big:0.5"), "--hit-rate")
+    _one_line_error(run("trace", "fit", "--model", "olmoe-1b-7b", "--srp", "16:1.5"), "--srp")
+
+
+def test_trace_fit_to_published_srp_and_sch(tmp_path, capsys):
+    out = tmp_path / "mixtral.yaml"
+    assert main(["trace", "fit", "--model", "mixtral-8x7b", "--srp", "16:0.4936", "--sch", "2:0.7417", "--tokens", "4000",
+                 "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["targets"]) == {"srp@16", "sch@2k,m=16"}
+    for name, target in report["targets"].items():
+        assert report["achieved"][name] == pytest.approx(target, rel=0.05)
+    written = yaml.safe_load(out.read_text())
+    assert set(written["fitted_to"]) == {"srp@16", "sch@2k,m=16"}
 
 
 def test_cost_rejects_non_positive_shapes():

@@ -16,7 +16,7 @@ from moesim.routing import stats
 from moesim.routing.fit import Targets, fit, targets_from_trace
 from moesim.routing.formats import FORMATS, read_trace, write_trace
 from moesim.routing.generate import generate_counts, generate_tokens
-from moesim.routing.profile import RoutingProfile
+from moesim.routing.profile import RoutingProfile, model_profile
 from moesim.routing.trace import Trace
 
 
@@ -74,6 +74,14 @@ def register(sub, formatter) -> None:
     fitter.add_argument("--hit-rate", action="append", default=[], metavar="SIZE:RATE",
                      help="target LRU hit rate at a cache size, in experts (4:0.6) or multiples of top-k (2x:0.6); repeatable")
     fitter.add_argument("--mutual-information", type=float, help="target cross-layer mutual information, bits")
+    fitter.add_argument("--first-choice-repeat", type=float,
+                        help="target share of consecutive tokens with the same first choice (Mixtral paper, Table 5)")
+    fitter.add_argument("--overlap-rate", type=float, help="target share of consecutive tokens sharing an expert")
+    fitter.add_argument("--srp", action="append", default=[], metavar="M:VALUE",
+                        help="target SRP at segment length M (16:0.49); repeatable (Liang et al., 2025)")
+    fitter.add_argument("--sch", action="append", default=[], metavar="RHO:VALUE",
+                        help="target SCH at a cache of RHO x top-k experts (2:0.74), lookahead --segment; repeatable")
+    fitter.add_argument("--segment", type=int, default=16, help="SCH lookahead in tokens (default 16)")
     fitter.add_argument("--tokens", type=int, default=20_000, help="tokens per evaluation trace (default 20000)")
     fitter.add_argument("--seed", type=int, default=0)
     fitter.add_argument("-o", "--output", help="write the fitted profile as YAML")
@@ -105,12 +113,7 @@ def _profile(args) -> RoutingProfile:
         arch = load_model(args.model)
         if not arch.is_moe:
             raise InputError(f"{arch.name} has no MoE layers", field="--model")
-        moe = arch.moe
-        data = {"name": arch.name, "num_experts": moe.num_experts, "top_k": moe.top_k, "num_layers": len(arch.moe_layers),
-                "num_shared": moe.num_shared_experts, "source": f"shape of {arch.name}"}
-        if moe.n_group > 1 and moe.topk_group < moe.n_group:
-            data |= {"algorithm": "group_limited", "n_group": moe.n_group, "topk_group": moe.topk_group}
-        source, data = "--model", data | overrides
+        source, data = "--model", model_profile(arch).model_dump() | overrides
     try:
         return RoutingProfile.model_validate(data)
     except ValidationError as exc:
@@ -159,6 +162,21 @@ def _hit_rates(items: list[str], top_k: int) -> dict[int, float]:
     return out
 
 
+def _pairs(items: list[str], flag: str) -> dict[float, float]:
+    """``KEY:VALUE`` items (a segment length or cache multiple, and a target) as a mapping."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition(":")
+        try:
+            key_f, value_f = float(key), float(value)
+        except ValueError:
+            raise InputError(f"cannot read {item!r}: expected KEY:VALUE, e.g. 16:0.49", field=flag) from None
+        if key_f <= 0 or not 0 <= value_f <= 1:
+            raise InputError(f"{item!r}: expected a positive key and a value in [0, 1]", field=flag)
+        out[key_f] = value_f
+    return out
+
+
 def _fit(args) -> int:
     base = _profile(args)
     if args.trace:
@@ -173,9 +191,12 @@ def _fit(args) -> int:
         base = base.model_copy(update={"num_layers": trace.num_layers})
     else:
         targets = Targets(imbalance=args.imbalance, batch=args.batch, repeat_rate=args.repeat_rate,
-                          hit_rate=_hit_rates(args.hit_rate, base.top_k), mutual_information=args.mutual_information)
+                          hit_rate=_hit_rates(args.hit_rate, base.top_k), mutual_information=args.mutual_information,
+                          first_choice_repeat=args.first_choice_repeat, overlap_rate=args.overlap_rate,
+                          srp={int(m): v for m, v in _pairs(args.srp, "--srp").items()}, sch=_pairs(args.sch, "--sch"),
+                          sch_future=args.segment)
         if not targets.values():
-            raise InputError("give --trace or at least one target (--imbalance, --repeat-rate, --hit-rate, --mutual-information)",
+            raise InputError("give --trace or at least one target (--imbalance, --repeat-rate, --hit-rate, --srp, --sch, ...)",
                              field="--trace")
     result = fit(base, targets, tokens=args.tokens, seed=args.seed)
     fitted = {p: getattr(result.profile, p) for p in ("skew", "locality", "affinity")}
@@ -183,10 +204,9 @@ def _fit(args) -> int:
               "relative_error_squared": result.error, "evaluations": result.evaluations,
               "fitted_to": args.trace or "targets given on the command line"}
     if args.output:
+        records = {name: {"target": target, "achieved": got} for name, target, got in result.table()}
         text = "# Routing profile fitted by 'moesim trace fit'.\n" + yaml.safe_dump(
-            result.profile.model_dump() | {"source": report["fitted_to"]}, sort_keys=False)
-        text += "# targets vs achieved:\n" + "".join(
-            f"#   {name}: target {target:.4g}, achieved {got:.4g}\n" for name, target, got in result.table())
+            result.profile.model_dump() | {"source": report["fitted_to"], "fitted_to": records}, sort_keys=False)
         atomic_write(args.output, text)
     if args.json:
         emit_json(report)

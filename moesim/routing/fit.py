@@ -2,7 +2,8 @@
 
 Targets are what a recorded trace shows or a paper reports: load imbalance (max / mean tokens
 per expert at a batch size), the repeat rate (how often a token reuses one of the previous
-token's experts), LRU hit rates at given cache sizes, cross-layer mutual information. The fit
+token's experts), the first-choice repeat and overlap rates of Mixtral's routing analysis, LRU
+hit rates at given cache sizes, cross-layer mutual information. The fit
 adjusts ``skew``, ``locality`` and ``affinity`` (one value for every layer) to minimise the
 summed squared relative error, by coordinate-wise golden-section search.
 
@@ -29,22 +30,31 @@ BOUNDS = {"skew": (0.0, 3.0), "locality": (0.0, 0.95), "affinity": (0.0, 0.95)}
 @dataclass
 class Targets:
     """Statistics to match. ``hit_rate`` maps a cache size in experts to the LRU hit rate;
-    ``batch`` is the tokens per step for ``imbalance``."""
+    ``batch`` is the tokens per step for ``imbalance``; ``srp`` maps a segment length to SRP;
+    ``sch`` maps a cache size as a multiple of ``top_k`` to SCH with ``sch_future`` tokens of
+    lookahead (both as in Liang et al., 2025, averaged over layers)."""
 
     imbalance: float | None = None
     batch: int = 1024
     repeat_rate: float | None = None
+    first_choice_repeat: float | None = None
+    overlap_rate: float | None = None
     hit_rate: dict[int, float] = field(default_factory=dict)
     mutual_information: float | None = None
-
-    def names(self) -> list[str]:
-        out = [n for n in ("imbalance", "repeat_rate", "mutual_information") if getattr(self, n) is not None]
-        return out + [f"hit_rate@{c}" for c in sorted(self.hit_rate)]
+    srp: dict[int, float] = field(default_factory=dict)
+    sch: dict[float, float] = field(default_factory=dict)
+    sch_future: int = 16
 
     def values(self) -> dict[str, float]:
-        out = {n: getattr(self, n) for n in ("imbalance", "repeat_rate", "mutual_information") if getattr(self, n) is not None}
+        out = {n: getattr(self, n) for n in _SCALARS if getattr(self, n) is not None}
         out.update({f"hit_rate@{c}": v for c, v in sorted(self.hit_rate.items())})
+        out.update({f"srp@{m}": v for m, v in sorted(self.srp.items())})
+        out.update({f"sch@{rho:g}k,m={self.sch_future}": v for rho, v in sorted(self.sch.items())})
         return out
+
+
+_SCALARS = ("imbalance", "repeat_rate", "first_choice_repeat", "overlap_rate", "mutual_information")
+_LOCAL = {"repeat_rate": stats.repeat_rate, "first_choice_repeat": stats.first_choice_repeat, "overlap_rate": stats.overlap_rate}
 
 
 def measure(ids: np.ndarray, num_experts: int, targets: Targets) -> dict[str, float]:
@@ -52,14 +62,22 @@ def measure(ids: np.ndarray, num_experts: int, targets: Targets) -> dict[str, fl
     out: dict[str, float] = {}
     if targets.imbalance is not None:
         out["imbalance"] = float(np.mean(stats.imbalance(tokens_per_expert(ids, num_experts, targets.batch))))
-    if targets.repeat_rate is not None:
-        out["repeat_rate"] = float(np.mean(stats.repeat_rate(ids)))
+    for name, statistic in _LOCAL.items():
+        if getattr(targets, name) is not None:
+            out[name] = float(np.mean(statistic(ids)))
     if targets.mutual_information is not None:
         mi = stats.affinity(ids, num_experts)[1]
         out["mutual_information"] = float(mi.mean()) if mi.size else 0.0
     if targets.hit_rate:
         curve = stats.hit_rate_curve(ids, num_experts, "lru").mean(axis=0)
         out.update({f"hit_rate@{c}": float(curve[min(c, num_experts)]) for c in sorted(targets.hit_rate)})
+    for m in sorted(targets.srp):
+        out[f"srp@{m}"] = float(np.mean(stats.srp(ids, num_experts, m)))
+    if targets.sch:
+        curve = stats.hit_rate_curve(ids, num_experts, "sch", future=targets.sch_future).mean(axis=0)
+        k = ids.shape[2]
+        for rho in sorted(targets.sch):
+            out[f"sch@{rho:g}k,m={targets.sch_future}"] = float(curve[min(num_experts, max(1, round(rho * k)))])
     return out
 
 
@@ -94,9 +112,11 @@ def fit(base: RoutingProfile, targets: Targets, *, params: tuple[str, ...] | Non
         raise ValueError("no target statistics to fit")
     if params is None:
         chosen = set()
-        if targets.imbalance is not None or targets.hit_rate:
+        local = any(getattr(targets, n) is not None for n in _LOCAL)
+        caching = bool(targets.hit_rate or targets.srp or targets.sch)
+        if targets.imbalance is not None or caching or targets.first_choice_repeat is not None:
             chosen.add("skew")
-        if targets.repeat_rate is not None or targets.hit_rate:
+        if local or caching:
             chosen.add("locality")
         if targets.mutual_information is not None:
             chosen.add("affinity")

@@ -24,13 +24,27 @@ Traces mark "no expert" (dropped, null, or an unused dynamic-k slot) as -1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numba
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moesim.files import load_yaml
+from moesim.models.arch import ModelArch
+
 Algorithm = Literal["token_choice", "group_limited", "grouped", "dynamic_k", "expert_choice", "hash"]
+
+
+class FitRecord(BaseModel):
+    """One statistic a profile was fitted to (or checked against, ``held_out``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: float
+    achieved: float
+    held_out: bool = False
 
 
 class RoutingProfile(BaseModel):
@@ -65,6 +79,7 @@ class RoutingProfile(BaseModel):
     num_shared: int = Field(0, ge=0, description="shared experts: always active, not in the trace")
     vocab: int = Field(32_000, gt=0, description="hash routing: token ids drawn from a Zipf vocabulary")
     source: str = ""
+    fitted_to: dict[str, FitRecord] = Field(default_factory=dict, description="statistic: published target and achieved value")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -97,6 +112,31 @@ class RoutingProfile(BaseModel):
 
     def metadata(self) -> dict:
         return self.model_dump()
+
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+_FITTED = ("skew", "locality", "affinity", "seq_len", "source", "fitted_to")
+
+
+def model_profile(arch: ModelArch) -> RoutingProfile:
+    """The routing profile of a model: its router's shape (experts, top-k, MoE layers, shared
+    experts, group-limited routing) and, for the presets, the parameters fitted to published
+    statistics (``moesim/routing/profiles/<preset>.yaml``, written by
+    ``validation/fit_routing_profiles.py``). A model without one gets the generator's defaults
+    and says so in ``source``."""
+    if not arch.is_moe:
+        raise ValueError(f"{arch.name} has no MoE layers")
+    moe = arch.moe
+    shape = {"name": arch.name, "num_experts": moe.num_experts, "top_k": moe.top_k, "num_layers": len(arch.moe_layers),
+             "num_shared": moe.num_shared_experts,
+             "source": "not fitted: no published routing statistics of this model (generator defaults)"}
+    if moe.n_group > 1 and moe.topk_group < moe.n_group:
+        shape |= {"algorithm": "group_limited", "n_group": moe.n_group, "topk_group": moe.topk_group}
+    path = PROFILES_DIR / f"{arch.name}.yaml"
+    if path.is_file():
+        fitted = load_yaml(path)
+        shape |= {key: fitted[key] for key in _FITTED if key in fitted}
+    return RoutingProfile.model_validate(shape)
 
 
 @dataclass(frozen=True)

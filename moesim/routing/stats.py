@@ -257,6 +257,23 @@ def repeat_rate(ids: np.ndarray) -> np.ndarray:
     return repeats.sum(axis=(0, 2)) / np.maximum(valid, 1)
 
 
+def first_choice_repeat(ids: np.ndarray) -> np.ndarray:
+    """Per layer, how often a token's first choice (slot 0) is the previous token's first
+    choice: the "first choice" column of Mixtral's Table 5 (Jiang et al., 2024)."""
+    ids = np.asarray(ids)
+    valid = (ids[1:, :, 0] >= 0) & (ids[:-1, :, 0] >= 0)
+    same = (ids[1:, :, 0] == ids[:-1, :, 0]) & valid
+    return same.sum(axis=0) / np.maximum(valid.sum(axis=0), 1)
+
+
+def overlap_rate(ids: np.ndarray) -> np.ndarray:
+    """Per layer, how often a token shares at least one expert with the previous token: the
+    "first or second choice" column of Mixtral's Table 5 (1 - C(E-k, k) / C(E, k) at random)."""
+    ids = np.asarray(ids)
+    shared = ((ids[1:, :, :, None] == ids[:-1, :, None, :]) & (ids[1:, :, :, None] >= 0)).any(axis=(2, 3))
+    return shared.mean(axis=0)
+
+
 def srp(ids: np.ndarray, num_experts: int, segment: int) -> np.ndarray:
     """Per layer SRP for segments of ``segment`` tokens (see the module docstring)."""
     ids = np.asarray(ids)
@@ -348,4 +365,6 @@ def summary(trace, *, batch: int, ep: int, multiples: list[float], segment: int)
     result["srp"] = srp(ids, E, min(segment, ids.shape[0])).tolist()
     result["affinity_mutual_information_bits"] = affinity(ids, E)[1].tolist()
     result["repeat_rate"] = repeat_rate(ids).tolist()
+    result["first_choice_repeat"] = first_choice_repeat(ids).tolist()
+    result["overlap_rate"] = overlap_rate(ids).tolist()
     return result, curves
