@@ -13,9 +13,9 @@ import sys
 from moesim import __version__
 from moesim.errors import MoesimError
 
-from moesim.cli import cost, estimate, hw, models, trace
+from moesim.cli import cost, estimate, hw, models, scenario, trace
 
-_COMMANDS = (hw, models, trace, cost, estimate)
+_COMMANDS = (hw, models, trace, cost, estimate, scenario)
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):

@@ -54,8 +54,10 @@ def _settings(args) -> dict:
                     "kv_dtype": None, "routing": "balanced", "seed": 0, "source": "command line"}
     if args.scenario:
         scenario, path = load_scenario(args.scenario)
+        workload = scenario.workload
+        prompt, output = workload.mean_lengths() if workload.arrivals != "trace" else (None, None)
         values.update(model=scenario.model, cluster=scenario.cluster, **scenario.parallel.model_dump(),
-                      batch=scenario.workload.batch, prompt=scenario.workload.prompt, output=scenario.workload.output,
+                      batch=workload.batch, prompt=prompt, output=output,
                       routing=scenario.routing.distribution, seed=scenario.routing.seed, dtype=scenario.dtypes.weights,
                       expert_dtype=scenario.dtypes.experts, kv_dtype=scenario.dtypes.kv_cache, source=str(path))
     for key in ("model", "cluster", "tp", "ep", "dp", "pp", "expert_tp", "batch", "prompt", "output", "dtype",

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Literal
+
+import numpy as np
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moesim.errors import InputError, UnknownNameError, from_validation
 from moesim.files import data_dir, load_yaml
+from moesim.sim.workload import Requests, arrival_times, draw_lengths, read_arrival_trace
 
 
 class _Strict(BaseModel):
@@ -26,15 +31,67 @@ class Parallel(_Strict):
     expert_tp: int | None = Field(None, ge=1)
 
 
+class Lengths(_Strict):
+    """Token lengths drawn per request: lognormal with this mean and coefficient of variation,
+    rounded and clipped to [1, ``max``]."""
+
+    mean: float = Field(gt=0, description="mean tokens")
+    cv: float = Field(1.0, ge=0, description="standard deviation / mean (0: every request gets the mean)")
+    max: int = Field(ge=1, description="longest request, tokens")
+
+
 class WorkloadSpec(_Strict):
-    batch: int = Field(ge=1, description="concurrent sequences, all DP replicas together")
-    prompt: int = Field(ge=1, description="prompt tokens per sequence")
-    output: int = Field(ge=1, description="generated tokens per sequence")
+    """Requests: a fixed batch all present at time 0 (``arrivals: batch``), an open-loop arrival
+    process (``poisson``, or ``gamma`` with inter-arrival coefficient of variation ``cv``: bursty
+    when above 1), or a recorded ``trace`` CSV with columns arrival_s, prompt_tokens,
+    output_tokens."""
+
+    arrivals: Literal["batch", "poisson", "gamma", "trace"] = "batch"
+    batch: int | None = Field(None, ge=1, description="batch arrivals: concurrent sequences, all DP replicas together")
+    prompt: int | Lengths | None = Field(None, description="prompt tokens per request (a number or a distribution)")
+    output: int | Lengths | None = Field(None, description="generated tokens per request (a number or a distribution)")
+    rate: float | None = Field(None, gt=0, description="poisson / gamma: mean requests per second")
+    cv: float = Field(1.0, gt=0, description="gamma: coefficient of variation of the inter-arrival time")
+    requests: int | None = Field(None, ge=1, description="poisson / gamma: number of requests")
+    trace: str | None = Field(None, description="trace: CSV path, relative to the scenario file")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        need = {"batch": ("batch", "prompt", "output"), "poisson": ("rate", "requests", "prompt", "output"),
+                "gamma": ("rate", "requests", "prompt", "output"), "trace": ("trace",)}[self.arrivals]
+        missing = [name for name in need if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"arrivals '{self.arrivals}' needs {', '.join(missing)}")
+        return self
+
+    def make_requests(self, seed: int, base_dir: str | Path = ".") -> Requests:
+        """The request stream; a trace path is relative to ``base_dir`` (the scenario's folder)."""
+        if self.arrivals == "trace":
+            trace = Path(self.trace)
+            return read_arrival_trace(trace if trace.is_absolute() else Path(base_dir) / trace)
+        rng = np.random.default_rng([seed, 0x5E55])
+        n = self.batch if self.arrivals == "batch" else self.requests
+        arrival = arrival_times(self.arrivals, n, rng, rate=self.rate, cv=self.cv)
+
+        def lengths(spec: int | Lengths) -> np.ndarray:
+            if isinstance(spec, int):
+                return np.full(n, spec, dtype=np.int64)
+            return draw_lengths(n, spec.mean, spec.cv, spec.max, rng)
+
+        return Requests(arrival=arrival, prompt=lengths(self.prompt), output=lengths(self.output))
+
+    def mean_lengths(self) -> tuple[int, int]:
+        """Mean prompt and output tokens (the analytical estimate's shape)."""
+        def mean(value) -> int:
+            return int(round(value.mean)) if isinstance(value, Lengths) else int(value)
+        if self.prompt is None or self.output is None:
+            raise ValueError("the workload gives no prompt / output lengths (a trace workload)")
+        return mean(self.prompt), mean(self.output)
 
 
 class Routing(_Strict):
     distribution: str = Field("balanced", description="balanced, power_law:ALPHA or a .npz trace path")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seeds routing draws and the request stream")
 
 
 class Dtypes(_Strict):
