@@ -51,8 +51,8 @@ def _fit_one(name: str, entry: dict, published: dict) -> dict:
     sch = {int(m): _midpoint(v) for m, v in entry["sch"].items()}
     table5 = entry.get("mixtral_table5", {})
     targets = Targets(srp={segment: entry["srp"] / 100.0}, sch={rho: sch[segment]}, sch_future=segment,
-                      first_choice_repeat=_midpoint([_midpoint(r["first"]) * 100 for r in table5.values()]) if table5 else None,
-                      overlap_rate=_midpoint([_midpoint(r["first_or_second"]) * 100 for r in table5.values()]) if table5 else None)
+                      first_choice_repeat=_midpoint([r["first"] for r in table5.values()]) if table5 else None,
+                      overlap_rate=_midpoint([r["first_or_second"] for r in table5.values()]) if table5 else None)
     result = fit(shape, targets, tokens=FIT_TOKENS, seed=0)
     profile = result.profile
     records = {key: {"target": round(target, 4), "achieved": round(achieved, 4)} for key, target, achieved in result.table()}

@@ -147,34 +147,27 @@ def _convert(args) -> int:
     return 0
 
 
-def _hit_rates(items: list[str], top_k: int) -> dict[int, float]:
+def _pairs(items: list[str], flag: str, example: str, key=float) -> dict:
+    """``KEY:VALUE`` items as a mapping: ``key`` reads the key (a cache size, segment length or
+    cache multiple, which must come out positive), the value is a rate in [0, 1]."""
     out = {}
     for item in items:
-        size, _, rate = item.partition(":")
+        raw, _, value = item.partition(":")
         try:
-            experts = round(float(size[:-1]) * top_k) if size.endswith("x") else int(size)
-            value = float(rate)
+            parsed, rate = key(raw), float(value)
         except ValueError:
-            raise InputError(f"cannot read {item!r}: expected SIZE:RATE, e.g. 4:0.6 or 2x:0.6", field="--hit-rate") from None
-        if experts < 1 or not 0 <= value <= 1:
-            raise InputError(f"{item!r}: the size must be >= 1 and the rate in [0, 1]", field="--hit-rate")
-        out[experts] = value
-    return out
-
-
-def _pairs(items: list[str], flag: str) -> dict[float, float]:
-    """``KEY:VALUE`` items (a segment length or cache multiple, and a target) as a mapping."""
-    out = {}
-    for item in items:
-        key, _, value = item.partition(":")
-        try:
-            key_f, value_f = float(key), float(value)
-        except ValueError:
-            raise InputError(f"cannot read {item!r}: expected KEY:VALUE, e.g. 16:0.49", field=flag) from None
-        if key_f <= 0 or not 0 <= value_f <= 1:
+            raise InputError(f"cannot read {item!r}: expected KEY:VALUE, e.g. {example}", field=flag) from None
+        if parsed <= 0 or not 0 <= rate <= 1:
             raise InputError(f"{item!r}: expected a positive key and a value in [0, 1]", field=flag)
-        out[key_f] = value_f
+        out[parsed] = rate
     return out
+
+
+def _hit_rates(items: list[str], top_k: int) -> dict[int, float]:
+    """Cache sizes in experts (``4``) or multiples of top-k (``2x``) mapped to LRU hit rates."""
+    def experts(size: str) -> int:
+        return round(float(size[:-1]) * top_k) if size.endswith("x") else int(size)
+    return _pairs(items, "--hit-rate", "4:0.6 or 2x:0.6", experts)
 
 
 def _fit(args) -> int:
@@ -193,7 +186,7 @@ def _fit(args) -> int:
         targets = Targets(imbalance=args.imbalance, batch=args.batch, repeat_rate=args.repeat_rate,
                           hit_rate=_hit_rates(args.hit_rate, base.top_k), mutual_information=args.mutual_information,
                           first_choice_repeat=args.first_choice_repeat, overlap_rate=args.overlap_rate,
-                          srp={int(m): v for m, v in _pairs(args.srp, "--srp").items()}, sch=_pairs(args.sch, "--sch"),
+                          srp=_pairs(args.srp, "--srp", "16:0.49", int), sch=_pairs(args.sch, "--sch", "2:0.74"),
                           sch_future=args.segment)
         if not targets.values():
             raise InputError("give --trace or at least one target (--imbalance, --repeat-rate, --hit-rate, --srp, --sch, ...)",

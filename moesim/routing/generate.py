@@ -254,6 +254,7 @@ def _generate_kernel(seed, cdf, gmass, alias_prob, alias_idx, successors, seq_st
     E = cdf.shape[3]
     epochs = cdf.shape[0]
     fan = successors.shape[2]
+    group_of = np.arange(E) // (E // max(n_group, 1))  # read-only, shared by every sequence
     for s in numba.prange(seq_start.size - 1):
         prev = np.full((L, k), -1, dtype=np.int64)  # the previous token's choices, per layer
         chosen = np.empty(k, dtype=np.int64)
@@ -263,7 +264,6 @@ def _generate_kernel(seed, cdf, gmass, alias_prob, alias_idx, successors, seq_st
         sel_list = np.zeros(max(n_group, 1), dtype=np.int64)
         sel_before = np.zeros(max(n_group, 1))
         sel_inv = np.zeros(max(n_group, 1))
-        group_of = np.arange(E) // (E // max(n_group, 1))
         dom = seq_domain[s]
         for t in range(seq_start[s], seq_start[s + 1]):
             ep = min(t // interval, epochs - 1)
