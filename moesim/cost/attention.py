@@ -14,6 +14,8 @@ keys of ``qk_nope + qk_rope`` and values of ``v_head_dim``.
 
 from __future__ import annotations
 
+import numpy as np
+
 from moesim.cost.roofline import OpCost, kernel
 from moesim.dtypes import dtype_bytes
 
@@ -23,6 +25,8 @@ def _keys_seen(seq: int, window: int | None, block: int = 128) -> float:
     key blocks of ``block``, so a sliding window of ``window`` costs about ``window + block``
     keys per query, not ``window``."""
     span = (window + block) if window else seq
+    if seq <= 0:
+        return 0.0
     if span >= seq:
         return seq * (seq + 1) / 2.0
     return span * (span + 1) / 2.0 + (seq - span) * span
@@ -40,21 +44,25 @@ def prefill_attention_time(
     dtype: str = "bf16",
     v_head_dim: int | None = None,
     efficiency: float | None = None,
+    context: int = 0,
     name: str = "attention_prefill",
 ) -> OpCost:
     """Causal self-attention over ``batch`` prompts of ``seq`` tokens (heads already divided by
-    TP). ``v_head_dim`` differs from ``head_dim`` in un-absorbed MLA."""
+    TP). ``v_head_dim`` differs from ``head_dim`` in un-absorbed MLA. A chunk of a longer prompt
+    (chunked prefill) sits after ``context`` tokens already in the cache: its queries also see
+    those keys, which are read from the cache."""
     v_dim = v_head_dim or head_dim
-    pairs = batch * num_heads * _keys_seen(seq, window)
+    pairs = batch * num_heads * (_keys_seen(context + seq, window) - _keys_seen(context, window))
     flops = 2.0 * pairs * (head_dim + v_dim)
     size = dtype_bytes(dtype)
     tokens = batch * seq
-    bytes_moved = tokens * size * (num_heads * head_dim + num_kv_heads * (head_dim + v_dim) + num_heads * v_dim)
+    keys = batch * (context + seq)
+    bytes_moved = size * (tokens * num_heads * (head_dim + v_dim) + keys * num_kv_heads * (head_dim + v_dim))
     eff = device.efficiency
     peak_share = eff.attention_prefill if efficiency is None else efficiency
     cost = kernel(device, name, flops, bytes_moved, "bf16", compute_efficiency=peak_share * _fill(device, batch * num_heads, seq))
     _add_overhead(device, cost)
-    cost.info = {"batch": batch, "seq": seq, "heads": num_heads, "kv_heads": num_kv_heads, "window": window}
+    cost.info = {"batch": batch, "seq": seq, "context": context, "heads": num_heads, "kv_heads": num_kv_heads, "window": window}
     return cost
 
 
@@ -85,8 +93,9 @@ def decode_attention_time(
     name: str = "attention_decode",
 ) -> OpCost:
     """One decode step: ``batch`` sequences, one new query token each, over ``kv_len`` cached
-    tokens (capped at ``window`` for sliding layers)."""
-    keys = min(kv_len, window) if window else kv_len
+    tokens (capped at ``window`` for sliding layers). ``batch`` and ``kv_len`` may be arrays of
+    equal shape (one decode batch each); ``time`` is then an array."""
+    keys = np.minimum(kv_len, window) if window else kv_len
     flops = 4.0 * batch * num_heads * keys * head_dim
     kv_bytes = batch * keys * 2 * num_kv_heads * head_dim * dtype_bytes(kv_dtype)
     q_out = batch * num_heads * head_dim * 2 * 2.0
@@ -99,10 +108,11 @@ def _decode_kernel(device, name: str, flops: float, bytes_moved: float, groups: 
     """Decode attention streams the KV cache; with few (sequence, KV head) groups the kernel
     splits the keys (flash-decoding) but short caches still leave units idle."""
     eff = device.efficiency
-    splits = max(1, min(-(-keys // 256), -(-device.compute_units // max(groups, 1))))
-    busy = min(1.0, groups * splits / device.compute_units)
+    # np.maximum / np.minimum: ``groups`` and ``keys`` may be arrays (one entry per DP replica)
+    splits = np.maximum(1, np.minimum(-(-keys // 256), -(-device.compute_units // np.maximum(groups, 1))))
+    busy = np.minimum(1.0, groups * splits / device.compute_units)
     cost = kernel(device, name, flops, bytes_moved, "bf16",
-                  compute_efficiency=eff.attention_prefill, memory_efficiency=eff.attention_decode * max(busy, 0.05))
+                  compute_efficiency=eff.attention_prefill, memory_efficiency=eff.attention_decode * np.maximum(busy, 0.05))
     _add_overhead(device, cost)
     return cost
 
@@ -118,7 +128,8 @@ def mla_decode_time(
     kv_dtype: str = "bf16",
     name: str = "mla_decode",
 ) -> OpCost:
-    """One absorbed-MLA decode step over ``kv_len`` cached latents (heads already divided by TP)."""
+    """One absorbed-MLA decode step over ``kv_len`` cached latents (heads already divided by TP);
+    ``batch`` and ``kv_len`` may be arrays, as for :func:`decode_attention_time`."""
     latent = kv_lora_rank + qk_rope_head_dim
     flops = 2.0 * batch * num_heads * kv_len * (latent + kv_lora_rank)
     bytes_moved = batch * kv_len * latent * dtype_bytes(kv_dtype) + batch * num_heads * (latent + kv_lora_rank) * 2.0

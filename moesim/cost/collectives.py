@@ -106,61 +106,98 @@ def reduce_scatter_time(graph, group: list[str], nbytes: float) -> OpCost:
     return _cost("reduce_scatter", _ring_time(graph, group, nbytes, 1), nbytes, algorithm="ring", ranks=len(group))
 
 
+class AllToAll:
+    """The all-to-all cost of one group, wired once: :meth:`times` then costs many byte matrices
+    (every layer of a simulated step) in one NumPy pass.
+
+    Rank ``i`` sends ``matrix[i, j]`` bytes to rank ``j``. Each rank's scale-up traffic (sent or
+    received, whichever is larger) goes over its NVLink / mesh capacity and its scale-out
+    traffic over the NIC, in parallel; on a mesh one heavy pair can saturate its own link. The
+    slowest rank sets the time.
+    """
+
+    def __init__(self, graph, group: list[str], algorithm: str = "flat"):
+        _check(group)
+        if algorithm not in ("flat", "hierarchical"):
+            raise InputError(f"unknown all-to-all algorithm {algorithm!r}; expected flat or hierarchical")
+        self.group, self.algorithm = group, algorithm
+        n = self.ranks = len(group)
+        node = np.array([_node_of(graph, g) for g in group])
+        self.same = node[:, None] == node[None, :]
+        self.off = ~np.eye(n, dtype=bool)
+        self.local = self.same.sum(axis=1)
+        self.node_members = self.same.astype(np.float64)  # [i, j]: j shares i's node
+        peers_local = [j for j in range(n) if j != 0 and self.same[0, j]]
+        peers_remote = [j for j in range(n) if not self.same[0, j]]
+        local_route = route(graph, group[0], group[peers_local[0]]) if peers_local else None
+        remote_route = route(graph, group[0], group[peers_remote[0]]) if peers_remote else None
+        self.capacity = self.pair = None
+        self.latency = 0.0
+        if local_route:
+            node_mates = [[group[j] for j in range(n) if self.same[i, j]] for i in range(n)]
+            self.capacity = np.array([max(local_route.bandwidth, _mesh_bandwidth(graph, group[i], node_mates[i])) for i in range(n)])
+            pair = np.array([[graph.edges[group[i], group[j]]["bandwidth"] if graph.has_edge(group[i], group[j]) else np.inf
+                              for j in range(n)] for i in range(n)])
+            self.pair = None if np.isinf(pair[self.same & self.off]).all() else pair
+            self.latency = max(self.latency, local_route.latency)
+        self.nic = None
+        if remote_route:
+            self.nic = remote_route.bandwidth
+            self.latency = max(self.latency, remote_route.latency * (2 if algorithm == "hierarchical" else 1))
+
+    def rank_times(self, matrix: np.ndarray) -> np.ndarray:
+        """Seconds each rank's traffic takes, ``[..., ranks]``, for matrices ``[..., ranks, ranks]``
+        (without the latency)."""
+        matrix = np.asarray(matrix, dtype=np.float64)
+        intra = np.where(self.same & self.off, matrix, 0.0)
+        inter = np.where(~self.same, matrix, 0.0)
+        intra_send, intra_recv = intra.sum(axis=-1), intra.sum(axis=-2)
+        inter_send, inter_recv = inter.sum(axis=-1), inter.sum(axis=-2)
+        if self.algorithm == "hierarchical":
+            # RDMA lands on the destination node's peer with the sender's local index, which
+            # forwards over NVLink the share meant for its node-mates: a node's inter-node
+            # receive is spread over all its NICs, and crosses scale-up once more.
+            forwarded = inter_recv * (1 - 1 / self.local)
+            intra_send = intra_send + forwarded
+            intra_recv = intra_recv + forwarded
+            inter_recv = (inter_recv @ self.node_members) / self.local
+        times = np.zeros(matrix.shape[:-1])
+        if self.capacity is not None:
+            times = np.maximum(times, np.maximum(intra_send, intra_recv) / self.capacity)
+            if self.pair is not None:
+                times = np.maximum(times, (intra / self.pair).max(axis=-1))
+        if self.nic is not None:
+            times = np.maximum(times, np.maximum(inter_send, inter_recv) / self.nic)
+        return times
+
+    def times(self, matrix: np.ndarray) -> np.ndarray:
+        """Seconds of the all-to-all for each matrix of ``[..., ranks, ranks]``."""
+        matrix = np.asarray(matrix, dtype=np.float64)
+        sent = np.where(self.off, matrix, 0.0).sum(axis=(-2, -1))
+        return self.rank_times(matrix).max(axis=-1) + np.where(sent > 0, self.latency, 0.0)
+
+
 def all_to_all_time(graph, group: list[str], bytes_matrix: np.ndarray, *, algorithm: str = "flat") -> OpCost:
-    """All-to-all where rank ``i`` sends ``bytes_matrix[i, j]`` bytes to rank ``j``.
+    """All-to-all where rank ``i`` sends ``bytes_matrix[i, j]`` bytes to rank ``j`` (see
+    :class:`AllToAll`).
 
     Returns the time of the slowest rank; ``info`` names it and its bytes sent inside and
     across nodes.
     """
-    _check(group)
+    model = AllToAll(graph, group, algorithm)
     matrix = np.asarray(bytes_matrix, dtype=np.float64)
     n = len(group)
     if matrix.shape != (n, n):
         raise InputError(f"all-to-all byte matrix has shape {matrix.shape}; expected ({n}, {n}) for {n} ranks")
-    if algorithm not in ("flat", "hierarchical"):
-        raise InputError(f"unknown all-to-all algorithm {algorithm!r}; expected flat or hierarchical")
-    node = np.array([_node_of(graph, g) for g in group])
-    same = node[:, None] == node[None, :]
-    off = ~np.eye(n, dtype=bool)
-    intra = np.where(same & off, matrix, 0.0)
-    inter = np.where(~same, matrix, 0.0)
-    intra_send, intra_recv = intra.sum(axis=1), intra.sum(axis=0)
-    inter_send, inter_recv = inter.sum(axis=1), inter.sum(axis=0)
-    if algorithm == "hierarchical":
-        # RDMA lands on the destination node's peer with the sender's local index, which
-        # forwards over NVLink the share meant for its node-mates: a node's inter-node receive
-        # is spread over all its NICs, and crosses scale-up once more.
-        local = same.sum(axis=1)
-        forwarded = inter_recv * (1 - 1 / local)
-        intra_send = intra_send + forwarded
-        intra_recv = intra_recv + forwarded
-        node_recv = np.array([inter_recv[node == node[i]].sum() for i in range(n)])
-        inter_recv = node_recv / local
-    times = np.zeros(n)
-    latency = 0.0
-    peers_local = [j for j in range(n) if j != 0 and same[0, j]]
-    peers_remote = [j for j in range(n) if not same[0, j]]
-    local_route = route(graph, group[0], group[peers_local[0]]) if peers_local else None
-    remote_route = route(graph, group[0], group[peers_remote[0]]) if peers_remote else None
-    if local_route:
-        node_mates = [[group[j] for j in range(n) if same[i, j]] for i in range(n)]
-        capacity = np.array([max(local_route.bandwidth, _mesh_bandwidth(graph, group[i], node_mates[i])) for i in range(n)])
-        times = np.maximum(times, np.maximum(intra_send, intra_recv) / capacity)
-        # on a mesh each pair also has its own link, which one heavy pair can saturate
-        pair = np.array([[graph.edges[group[i], group[j]]["bandwidth"] if graph.has_edge(group[i], group[j]) else np.inf
-                          for j in range(n)] for i in range(n)])
-        times = np.maximum(times, (intra / pair).max(axis=1))
-        latency = max(latency, local_route.latency)
-    if remote_route:
-        times = np.maximum(times, np.maximum(inter_send, inter_recv) / remote_route.bandwidth)
-        latency = max(latency, remote_route.latency * (2 if algorithm == "hierarchical" else 1))
-    slowest = int(times.argmax())
-    total = float(matrix[off].sum())
-    seconds = float(times[slowest]) + (latency if total > 0 else 0.0)
+    per_rank = model.rank_times(matrix)
+    slowest = int(per_rank.argmax())
+    seconds = float(model.times(matrix))
+    intra = np.where(model.same & model.off, matrix, 0.0)
+    inter = np.where(~model.same, matrix, 0.0)
     return _cost(
-        "all_to_all", seconds, total, algorithm=algorithm, ranks=n, slowest_rank=slowest,
-        slowest_intra_bytes=float(max(intra_send[slowest], intra_recv[slowest])),
-        slowest_inter_bytes=float(max(inter_send[slowest], inter_recv[slowest])),
+        "all_to_all", seconds, float(matrix[model.off].sum()), algorithm=algorithm, ranks=n, slowest_rank=slowest,
+        slowest_intra_bytes=float(max(intra[slowest].sum(), intra[:, slowest].sum())),
+        slowest_inter_bytes=float(max(inter[slowest].sum(), inter[:, slowest].sum())),
     )
 
 

@@ -25,7 +25,7 @@ from moesim.cost.attention import decode_attention_time, mla_decode_time, prefil
 from moesim.cost.collectives import all_gather_time, all_reduce_time, all_to_all_time, reduce_scatter_time, transfer_time
 from moesim.cost.gemm import gemm_time
 from moesim.cost.layout import Layout
-from moesim.cost.moe import moe_layer_time
+from moesim.cost.moe import expert_times, moe_layer_time
 from moesim.cost.roofline import OpCost, combine, elementwise
 from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
@@ -160,8 +160,9 @@ def _layer_kind(layer: Layer) -> str:
     return f"encoder-{kind}" if layer.encoder else kind
 
 
-class _Costing:
-    """What one device of the layout spends on each operator; holds the shared context."""
+class LayerCosting:
+    """What one device of the layout spends on each operator of a layer; holds the shared
+    context (the simulator costs its steps with it too)."""
 
     def __init__(self, arch: ModelArch, cluster: Cluster, layout: Layout, workload: Workload, dtype: str, expert_dtype: str,
                  kv_dtype: str, group_sequences: int):
@@ -192,43 +193,66 @@ class _Costing:
     def attention(self, layer: Layer, batch: int, new_tokens: int, kv_len: int) -> list[OpCost]:
         """Norm, projections, attention core and TP all-reduce for ``batch`` sequences adding
         ``new_tokens`` each over a cache of ``kv_len`` (prefill: ``kv_len == new_tokens``)."""
-        att, h = self.arch.attention, self.arch.hidden
         tokens = batch * new_tokens
-        ops = [elementwise(self.device, "input_norm", tokens * h, "bf16", reads=1, writes=1, flops_per_element=4)]
-        prefill = new_tokens > 1
+        if new_tokens > 1:
+            before, after = self.projections(tokens, prefill_tokens=tokens)
+            core = self.prefill_core(layer, batch, new_tokens)
+        else:
+            before, after = self.projections(tokens, prefill_tokens=0)
+            core = self.decode_core(layer, batch, kv_len)
+        return before + [core] + after
+
+    def projections(self, tokens: int, prefill_tokens: int) -> tuple[list[OpCost], list[OpCost]]:
+        """The attention block's kernels before and after the attention core, for ``tokens``
+        new tokens of which ``prefill_tokens`` are prompt tokens (a mixed batch of chunked
+        prefill runs the GEMMs once over all of them)."""
+        att, h = self.arch.attention, self.arch.hidden
+        decode_tokens = tokens - prefill_tokens
+        before = [elementwise(self.device, "input_norm", tokens * h, "bf16", reads=1, writes=1, flops_per_element=4)]
+        after = []
         if att.kind == "mla":
             q_dim = att.qk_nope_head_dim + att.qk_rope_head_dim
             if att.q_lora_rank:
-                ops.append(self._gemm("q_down", tokens, att.q_lora_rank, h))
-                ops.append(self._gemm("q_up", tokens, self.heads * q_dim, att.q_lora_rank))
+                before.append(self._gemm("q_down", tokens, att.q_lora_rank, h))
+                before.append(self._gemm("q_up", tokens, self.heads * q_dim, att.q_lora_rank))
             else:
-                ops.append(self._gemm("q_proj", tokens, self.heads * q_dim, h))
-            ops.append(self._gemm("kv_down", tokens, att.kv_lora_rank + att.qk_rope_head_dim, h))
-            if prefill:
-                ops.append(self._gemm("kv_up", tokens, self.heads * (att.qk_nope_head_dim + att.v_head_dim), att.kv_lora_rank))
-                ops.append(prefill_attention_time(self.device, batch, new_tokens, self.heads, self.heads, q_dim,
-                                                  v_head_dim=att.v_head_dim, efficiency=self.device.efficiency.mla_prefill,
-                                                  name="mla_prefill"))
-            else:
+                before.append(self._gemm("q_proj", tokens, self.heads * q_dim, h))
+            before.append(self._gemm("kv_down", tokens, att.kv_lora_rank + att.qk_rope_head_dim, h))
+            if prefill_tokens:
+                before.append(self._gemm("kv_up", prefill_tokens, self.heads * (att.qk_nope_head_dim + att.v_head_dim), att.kv_lora_rank))
+            if decode_tokens:
                 # Absorbed decode: queries pass through W_UK per head, outputs through W_UV.
                 # one [nope x kv_lora] matrix per head: a batched GEMM, costed as one with every
                 # head's weights (FLOP and weight bytes both scale with the heads)
-                ops.append(self._gemm("q_absorb", tokens, self.heads * att.kv_lora_rank, att.qk_nope_head_dim))
-                ops.append(mla_decode_time(self.device, batch, kv_len, self.heads, att.kv_lora_rank, att.qk_rope_head_dim,
-                                           kv_dtype=self.kv_dtype))
-                ops.append(self._gemm("v_absorb", tokens, self.heads * att.v_head_dim, att.kv_lora_rank))
-            ops.append(self._gemm("o_proj", tokens, h, self.heads * att.v_head_dim))
+                before.append(self._gemm("q_absorb", decode_tokens, self.heads * att.kv_lora_rank, att.qk_nope_head_dim))
+                after.append(self._gemm("v_absorb", decode_tokens, self.heads * att.v_head_dim, att.kv_lora_rank))
+            after.append(self._gemm("o_proj", tokens, h, self.heads * att.v_head_dim))
         else:
             d = att.head_dim
-            ops.append(self._gemm("qkv_proj", tokens, (self.heads + 2 * self.kv_heads) * d, h))
-            if prefill:
-                ops.append(prefill_attention_time(self.device, batch, new_tokens, self.heads, self.kv_heads, d, window=layer.window))
-            else:
-                ops.append(decode_attention_time(self.device, batch, kv_len, self.heads, self.kv_heads, d,
-                                                 window=layer.window, kv_dtype=self.kv_dtype))
-            ops.append(self._gemm("o_proj", tokens, h, self.heads * d))
+            before.append(self._gemm("qkv_proj", tokens, (self.heads + 2 * self.kv_heads) * d, h))
+            after.append(self._gemm("o_proj", tokens, h, self.heads * d))
         reduce = self._tp_all_reduce(tokens)
-        return ops + ([reduce] if reduce else [])
+        return before, after + ([reduce] if reduce else [])
+
+    def prefill_core(self, layer: Layer, batch: int, new_tokens: int, context: int = 0) -> OpCost:
+        """Attention over ``batch`` prompt chunks of ``new_tokens`` after ``context`` cached tokens."""
+        att = self.arch.attention
+        if att.kind == "mla":
+            return prefill_attention_time(self.device, batch, new_tokens, self.heads, self.heads,
+                                          att.qk_nope_head_dim + att.qk_rope_head_dim, v_head_dim=att.v_head_dim,
+                                          efficiency=self.device.efficiency.mla_prefill, context=context, name="mla_prefill")
+        return prefill_attention_time(self.device, batch, new_tokens, self.heads, self.kv_heads, att.head_dim,
+                                      window=layer.window, context=context)
+
+    def decode_core(self, layer: Layer, batch, kv_len) -> OpCost:
+        """Decode attention of ``batch`` sequences over ``kv_len`` cached tokens (arrays allowed:
+        one decode batch per DP replica)."""
+        att = self.arch.attention
+        if att.kind == "mla":
+            return mla_decode_time(self.device, batch, kv_len, self.heads, att.kv_lora_rank, att.qk_rope_head_dim,
+                                   kv_dtype=self.kv_dtype)
+        return decode_attention_time(self.device, batch, kv_len, self.heads, self.kv_heads, att.head_dim,
+                                     window=layer.window, kv_dtype=self.kv_dtype)
 
     def dense_ffn(self, tokens: int, inter: int, name: str = "dense_ffn") -> list[OpCost]:
         h, tp = self.arch.hidden, self.layout.tp
@@ -289,14 +313,13 @@ class _Costing:
         cost = all_to_all_time(self.graph, ep_group, dispatch, algorithm=self.a2a_algorithm(ep_group))
         cost.name = "dispatch"
         ops.append(cost)
-        worst = None
-        for rank in range(lay.ep):
-            local = counts[rank * per_rank : (rank + 1) * per_rank]
-            slots = int(local.sum())
-            t = moe_layer_time(self.device, local, tokens=max(slots, 1), hidden=h, inter=moe.expert_inter, top_k=1,
-                               dtype=self.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated, router=False)
-            if worst is None or t.time > worst.time:
-                worst, worst_rank = t, rank
+        local = counts.reshape(lay.ep, per_rank)
+        times = expert_times(self.device, local, hidden=h, inter=moe.expert_inter, dtype=self.expert_dtype,
+                             expert_tp=lay.expert_tp, gated=moe.gated)
+        worst_rank = int(times.argmax())
+        worst = moe_layer_time(self.device, local[worst_rank], tokens=max(int(local[worst_rank].sum()), 1), hidden=h,
+                               inter=moe.expert_inter, top_k=1, dtype=self.expert_dtype, expert_tp=lay.expert_tp,
+                               gated=moe.gated, router=False)
         worst.name = "experts"
         worst.info.update(straggler_rank=worst_rank, slots_per_rank_max=float(rank_slots.max()),
                           slots_per_rank_mean=float(rank_slots.mean()))
@@ -397,7 +420,7 @@ def estimate(
                          field="--kv-dtype")
     per_replica = -(-workload.batch // layout.dp)
     micro = -(-per_replica // layout.pp)
-    costing = _Costing(arch, cluster, layout, workload, dtype, expert_dtype, kv_dtype,
+    costing = LayerCosting(arch, cluster, layout, workload, dtype, expert_dtype, kv_dtype,
                        group_sequences=-(-workload.batch // layout.pp))
     kinds: dict[str, Layer] = {}
     counts: dict[str, int] = {}

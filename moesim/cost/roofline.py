@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from moesim.dtypes import dtype_bytes
 
 @dataclass
@@ -89,7 +91,8 @@ def kernel(
     memory_efficiency: float = 1.0,
     launches: int = 1,
 ) -> OpCost:
-    """One kernel's time on ``device`` (an Accelerator or Cpu spec).
+    """One kernel's time on ``device`` (an Accelerator or Cpu spec). ``flops``, ``bytes_moved``
+    and the efficiencies may be NumPy arrays: the times are then arrays of the same shape.
 
     ``compute_efficiency`` overrides the device's large-GEMM efficiency for kernels that
     cannot reach it (shape effects are computed by the caller and passed in here);
@@ -98,12 +101,20 @@ def kernel(
     eff = device.efficiency
     peak = device.peak_flops(dtype)
     c_eff = eff.compute_for(dtype) if compute_efficiency is None else compute_efficiency
-    compute = flops / (peak * c_eff) if flops > 0 else 0.0
     bandwidth = device.memory.bandwidth * eff.memory * memory_efficiency
-    memory = bytes_moved / bandwidth + eff.memory_latency if bytes_moved > 0 else 0.0
     launch = launches * device.launch_overhead
     p = eff.roofline_p
-    body = (compute**p + memory**p) ** (1.0 / p) if compute and memory else compute + memory
+    if np.ndim(flops) or np.ndim(bytes_moved) or np.ndim(c_eff) or np.ndim(bandwidth):
+        # Arrays: one kernel per element (the simulator costs every rank of a step at once).
+        flops, bytes_moved = np.asarray(flops, dtype=np.float64), np.asarray(bytes_moved, dtype=np.float64)
+        compute = np.where(flops > 0, flops / (peak * c_eff), 0.0)
+        memory = np.where(bytes_moved > 0, bytes_moved / bandwidth + eff.memory_latency, 0.0)
+        both = (compute > 0) & (memory > 0)
+        body = np.where(both, (compute**p + memory**p) ** (1.0 / p), compute + memory)
+    else:
+        compute = flops / (peak * c_eff) if flops > 0 else 0.0
+        memory = bytes_moved / bandwidth + eff.memory_latency if bytes_moved > 0 else 0.0
+        body = (compute**p + memory**p) ** (1.0 / p) if compute and memory else compute + memory
     return OpCost(
         name=name,
         time=launch + body,
