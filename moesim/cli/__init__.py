@@ -13,9 +13,9 @@ import sys
 from moesim import __version__
 from moesim.errors import MoesimError
 
-from moesim.cli import cost, estimate, hw, models, scenario, trace
+from moesim.cli import cost, estimate, hw, models, scenario, simulate, trace
 
-_COMMANDS = (hw, models, trace, cost, estimate, scenario)
+_COMMANDS = (hw, models, trace, cost, estimate, simulate, scenario)
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  moesim estimate --scenario mixtral-8x7b-h100x2\n"
+            "  moesim simulate --scenario mixtral-8x7b-h100\n"
             "  moesim cost moe --device h100-sxm --tokens 128 --hidden 4096 --inter 14336 --topk 2 --experts 8\n"
             "  moesim hw list\n"
             "  moesim models show deepseek-v3\n"

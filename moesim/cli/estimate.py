@@ -56,9 +56,13 @@ def _settings(args) -> dict:
         scenario, path = load_scenario(args.scenario)
         workload = scenario.workload
         prompt, output = workload.mean_lengths() if workload.arrivals != "trace" else (None, None)
+        # an open-loop workload is estimated at the scheduler's full batch; a fitted routing
+        # profile is simulated only, so the estimate prints that it used balanced routing
+        batch = workload.batch or scenario.scheduler.max_running * (scenario.parallel.dp or 1)
+        routing = "balanced" if scenario.routing.distribution == "profile" else scenario.routing.distribution
         values.update(model=scenario.model, cluster=scenario.cluster, **scenario.parallel.model_dump(),
-                      batch=workload.batch, prompt=prompt, output=output,
-                      routing=scenario.routing.distribution, seed=scenario.routing.seed, dtype=scenario.dtypes.weights,
+                      batch=batch, prompt=prompt, output=output,
+                      routing=routing, seed=scenario.routing.seed, dtype=scenario.dtypes.weights,
                       expert_dtype=scenario.dtypes.experts, kv_dtype=scenario.dtypes.kv_cache, source=str(path))
     for key in ("model", "cluster", "tp", "ep", "dp", "pp", "expert_tp", "batch", "prompt", "output", "dtype",
                 "expert_dtype", "kv_dtype", "routing", "seed"):

@@ -170,6 +170,28 @@ class AllToAll:
             times = np.maximum(times, np.maximum(inter_send, inter_recv) / self.nic)
         return times
 
+    def rank_times_outer(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """:meth:`rank_times` of the matrices ``src[..., i] * dst[..., j]`` (every source sends
+        its share of each destination's bytes), without forming them."""
+        src, dst = np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64)
+        if self.pair is not None:
+            return self.rank_times(src[..., :, None] * dst[..., None, :])
+        mates = (self.same & self.off).astype(np.float64)
+        others = (~self.same).astype(np.float64)
+        intra_send, intra_recv = src * (dst @ mates), dst * (src @ mates)
+        inter_send, inter_recv = src * (dst @ others), dst * (src @ others)
+        if self.algorithm == "hierarchical":
+            forwarded = inter_recv * (1 - 1 / self.local)
+            intra_send = intra_send + forwarded
+            intra_recv = intra_recv + forwarded
+            inter_recv = (inter_recv @ self.node_members) / self.local
+        times = np.zeros(np.broadcast_shapes(src.shape, dst.shape))
+        if self.capacity is not None:
+            times = np.maximum(times, np.maximum(intra_send, intra_recv) / self.capacity)
+        if self.nic is not None:
+            times = np.maximum(times, np.maximum(inter_send, inter_recv) / self.nic)
+        return times
+
     def times(self, matrix: np.ndarray) -> np.ndarray:
         """Seconds of the all-to-all for each matrix of ``[..., ranks, ranks]``."""
         matrix = np.asarray(matrix, dtype=np.float64)

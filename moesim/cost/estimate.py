@@ -165,14 +165,16 @@ class LayerCosting:
     context (the simulator costs its steps with it too)."""
 
     def __init__(self, arch: ModelArch, cluster: Cluster, layout: Layout, workload: Workload, dtype: str, expert_dtype: str,
-                 kv_dtype: str, group_sequences: int):
+                 kv_dtype: str, group_sequences: int, devices: list[str] | None = None):
         self.arch, self.layout, self.workload = arch, layout, workload
         self.group_sequences = group_sequences  # sequences of all DP replicas in one micro-batch
         self.dtype, self.expert_dtype, self.kv_dtype = dtype, expert_dtype, kv_dtype
         self.graph = topology(cluster)
         self.ranks = accelerators(self.graph)
         self.device = self.graph.nodes[self.ranks[0]]["spec"]
-        self.stage = self.ranks[: layout.stage_devices]
+        # the devices of one pipeline stage: the cluster's first, unless a device group is given
+        # (the simulator's prefill and decode groups of a disaggregated deployment)
+        self.stage = list(devices) if devices else self.ranks[: layout.stage_devices]
         self.tp_group = self.stage[: layout.tp]
         att = arch.attention
         self.heads = att.num_heads // layout.tp
@@ -267,28 +269,36 @@ class LayerCosting:
     def moe(self, tokens: int, new_tokens: int) -> list[OpCost]:
         """The MoE block on this stage: ``tokens`` on this device's replica, ``new_tokens`` per
         sequence (the group's tokens are ``group_sequences * new_tokens``)."""
-        arch, moe, lay, h = self.arch, self.arch.moe, self.layout, self.arch.hidden
-        ops = [elementwise(self.device, "post_attn_norm", tokens * h, "bf16", reads=1, writes=1, flops_per_element=4)]
+        moe, lay, h = self.arch.moe, self.layout, self.arch.hidden
+        ops = self.moe_pre(tokens)
         group_tokens = self.group_sequences * new_tokens
         counts = parse_routing(self.workload.routing, group_tokens, moe.num_experts, moe.top_k, ep=lay.ep, seed=self.workload.seed)
-        ops.append(self._gemm("router", tokens, moe.num_experts, h, "bf16"))
         if lay.ep == 1 and lay.expert_tp > lay.tp:
             # DP attention with experts cut over every device of the stage: gather the replicas'
             # tokens, run each expert's shard on all of them, reduce-scatter the partial sums.
-            nbytes = group_tokens * h * self.act_bytes
-            gather = all_gather_time(self.graph, self.stage, nbytes)
-            gather.name = "moe_all_gather"
+            gather, scatter = self.moe_gather_scatter(group_tokens)
             ops.append(gather)
             ops.append(moe_layer_time(self.device, counts, tokens=group_tokens, hidden=h, inter=moe.expert_inter, top_k=moe.top_k,
                                       dtype=self.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated, router=False))
-            scatter = reduce_scatter_time(self.graph, self.stage, nbytes)
-            scatter.name = "moe_reduce_scatter"
             ops.append(scatter)
         elif lay.ep == 1:
             ops.append(moe_layer_time(self.device, counts, tokens=tokens, hidden=h, inter=moe.expert_inter, top_k=moe.top_k,
                                       dtype=self.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated, router=False))
         else:
             ops.extend(self._expert_parallel(counts, group_tokens))
+        return ops + self.moe_shared(tokens)
+
+    def moe_pre(self, tokens: int) -> list[OpCost]:
+        """Before the routed experts: the post-attention norm and the router GEMM."""
+        h, moe = self.arch.hidden, self.arch.moe
+        return [elementwise(self.device, "post_attn_norm", tokens * h, "bf16", reads=1, writes=1, flops_per_element=4),
+                self._gemm("router", tokens, moe.num_experts, h, "bf16")]
+
+    def moe_shared(self, tokens: int) -> list[OpCost]:
+        """Beside the routed experts: shared experts, a dense residual FFN (Arctic), and the TP
+        all-reduce of their partial sums (and of TP-sharded routed experts)."""
+        arch, moe, lay = self.arch, self.arch.moe, self.layout
+        ops = []
         if moe.shared_inter:
             ops.extend(self.dense_ffn(tokens, moe.shared_inter, "shared_expert"))
         if arch.dense_residual_inter:
@@ -297,16 +307,33 @@ class LayerCosting:
             ops.append(self._tp_all_reduce(tokens))
         return ops
 
+    def moe_gather_scatter(self, group_tokens: int) -> tuple[OpCost, OpCost]:
+        """All-gather of the replicas' tokens before experts cut over the whole stage, and the
+        reduce-scatter of their partial sums after."""
+        nbytes = group_tokens * self.arch.hidden * self.act_bytes
+        gather = all_gather_time(self.graph, self.stage, nbytes)
+        gather.name = "moe_all_gather"
+        scatter = reduce_scatter_time(self.graph, self.stage, nbytes)
+        scatter.name = "moe_reduce_scatter"
+        return gather, scatter
+
+    def dense_block(self, layer: Layer, tokens: int) -> list[OpCost]:
+        """A dense layer's FFN half: norm, FFN and its TP all-reduce."""
+        ops = [elementwise(self.device, "post_attn_norm", tokens * self.arch.hidden, "bf16", reads=1, writes=1, flops_per_element=4)]
+        ops += self.dense_ffn(tokens, layer.dense_inter)
+        reduce = self._tp_all_reduce(tokens)
+        return ops + ([reduce] if reduce else [])
+
     def _expert_parallel(self, counts: np.ndarray, group_tokens: int) -> list[OpCost]:
         """Dispatch, expert compute on the straggler rank, combine (DeepEP-style all-to-all:
         each rank receives only the slots of its own experts)."""
         moe, lay, h = self.arch.moe, self.layout, self.arch.hidden
         per_rank = moe.num_experts // lay.ep
         rank_slots = counts.reshape(lay.ep, per_rank).sum(axis=1).astype(np.float64)
-        ep_group = self.stage[:: lay.expert_tp] if lay.expert_tp > 1 else self.stage
+        ep_group = self.ep_group
         # Every source rank holds an equal share of the group's tokens and sends each slot to
         # the rank of its expert; an expert-TP group receives the same slots on each member.
-        a2a_bytes = dtype_bytes("fp8" if canonical_dtype(self.expert_dtype) == "fp8" else "bf16")
+        a2a_bytes = self.dispatch_element_bytes
         dispatch = np.outer(np.full(lay.ep, 1.0 / lay.ep), rank_slots) * h * a2a_bytes
         combine_m = dispatch.T * (dtype_bytes("bf16") / a2a_bytes)
         ops = []
@@ -329,6 +356,17 @@ class LayerCosting:
         ops.append(cost)
         return ops
 
+    @property
+    def ep_group(self) -> list[str]:
+        """One device per expert-parallel rank (the first of each expert-TP group)."""
+        return self.stage[:: self.layout.expert_tp] if self.layout.expert_tp > 1 else self.stage
+
+    @property
+    def dispatch_element_bytes(self) -> int:
+        """Bytes per hidden element sent by dispatch: fp8 when the experts take fp8 (DeepEP's
+        fp8 dispatch), else bf16; combine always returns bf16."""
+        return dtype_bytes("fp8" if canonical_dtype(self.expert_dtype) == "fp8" else "bf16")
+
     def a2a_algorithm(self, group: list[str]) -> str:
         nodes = {self.graph.nodes[g]["node"] for g in group}
         return "hierarchical" if len(nodes) > 1 else "flat"
@@ -337,14 +375,7 @@ class LayerCosting:
     def layer(self, layer: Layer, batch: int, new_tokens: int, kv_len: int) -> OpCost:
         tokens = batch * new_tokens
         ops = self.attention(layer, batch, new_tokens, kv_len)
-        if layer.moe:
-            ops += self.moe(tokens, new_tokens)
-        else:
-            ops.append(elementwise(self.device, "post_attn_norm", tokens * self.arch.hidden, "bf16", reads=1, writes=1, flops_per_element=4))
-            ops += self.dense_ffn(tokens, layer.dense_inter)
-            reduce = self._tp_all_reduce(tokens)
-            if reduce:
-                ops.append(reduce)
+        ops += self.moe(tokens, new_tokens) if layer.moe else self.dense_block(layer, tokens)
         return combine(_layer_kind(layer), ops)
 
     def lm_head(self, batch: int) -> OpCost:
@@ -352,7 +383,7 @@ class LayerCosting:
         return combine("lm_head", [self._gemm("lm_head", batch, vocab_shard, self.arch.hidden)])
 
 
-def _memory(arch: ModelArch, layout: Layout, workload: Workload, device, dtype: str, expert_dtype: str, kv_dtype: str) -> dict[str, float]:
+def memory_per_device(arch: ModelArch, layout: Layout, workload: Workload, device, dtype: str, expert_dtype: str, kv_dtype: str) -> dict[str, float]:
     """Bytes per device on the busiest stage."""
     counts = param_counts(arch)
     parts = counts["breakdown"]
@@ -443,7 +474,7 @@ def estimate(
                                 micro * new_tokens * arch.hidden * 2).time
         return model_time + (layout.pp - 1) * hop
 
-    memory = _memory(arch, layout, workload, costing.device, dtype, expert_dtype, kv_dtype)
+    memory = memory_per_device(arch, layout, workload, costing.device, dtype, expert_dtype, kv_dtype)
     return Estimate(
         model=arch.name, cluster=cluster.name, layout=layout, workload=workload,
         dtype=dtype, expert_dtype=expert_dtype, kv_dtype=kv_dtype, memory=memory,

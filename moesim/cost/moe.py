@@ -183,8 +183,9 @@ def expert_times(device, local: np.ndarray, *, hidden: int, inter: int, dtype: s
     local = np.asarray(local)
     flat = local.reshape(-1, local.shape[-1])
     if tokens is None:
-        tokens = np.maximum(flat.sum(axis=1), 1)
-    tokens = np.broadcast_to(np.asarray(tokens, dtype=np.float64), local.shape[:-1]).reshape(-1)
+        tokens = np.maximum(flat.sum(axis=1), 1).astype(np.float64)
+    else:
+        tokens = np.broadcast_to(np.asarray(tokens, dtype=np.float64), local.shape[:-1]).reshape(-1)
     parts = _moe_parts(device, flat, np.zeros(flat.shape[0]), tokens, num_experts=flat.shape[1], hidden=hidden,
                        shard=inter // expert_tp, top_k=top_k, dtype=dtype, gated=gated)
     return sum(np.broadcast_to(p.time, tokens.shape) for p in parts).reshape(local.shape[:-1])

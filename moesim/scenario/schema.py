@@ -90,8 +90,13 @@ class WorkloadSpec(_Strict):
 
 
 class Routing(_Strict):
-    distribution: str = Field("balanced", description="balanced, power_law:ALPHA or a .npz trace path")
+    distribution: str = Field("balanced", description="balanced, power_law:ALPHA, profile (the model's fitted routing "
+                                                      "profile; simulate only) or a .npz trace path")
     seed: int = Field(0, ge=0, description="seeds routing draws and the request stream")
+    level: Literal["count", "token"] = Field("count", description="simulate: count-level loads per step, or the exact "
+                                                                  "choices of every token (profile routing)")
+    profile: str | None = Field(None, description="simulate with distribution: profile: a preset's profile name or a "
+                                                  "profile YAML (default: the model's own)")
 
 
 class Dtypes(_Strict):
@@ -100,15 +105,54 @@ class Dtypes(_Strict):
     kv_cache: str | None = None
 
 
+class Scheduler(_Strict):
+    """Continuous batching per DP replica (vLLM / SGLang semantics)."""
+
+    max_running: int = Field(256, ge=1, description="sequences running at once per DP replica (max_num_seqs)")
+    max_batched_tokens: int = Field(8192, ge=1, description="new tokens per step per replica: the chunked-prefill budget")
+    chunked_prefill: bool = Field(True, description="false: steps are either whole prompts or decodes")
+    block_size: int = Field(16, ge=1, description="KV-cache block (page) size, tokens")
+    kv_memory_fraction: float = Field(0.9, gt=0, le=1, description="share of device memory the engine may use "
+                                                                    "(gpu_memory_utilization / mem_fraction_static)")
+
+
+class Policies(_Strict):
+    overlap: Literal["none", "shared_expert", "two_microbatch"] = "none"
+    dispatch: Literal["static", "capacity", "reroute", "least_loaded"] = "static"
+    capacity_factor: float = Field(1.25, gt=0, description="capacity / reroute: slots per physical expert over the mean")
+    tolerance: float = Field(0.1, ge=0, description="least_loaded: rank load allowed above the mean before slots move")
+    all_to_all: Literal["auto", "flat", "hierarchical"] = Field("auto", description="auto: hierarchical across nodes")
+
+
+class Disaggregation(_Strict):
+    """Prefill and decode on separate device groups: prefill on the cluster's first devices,
+    decode on the next; KV caches cross the network between them."""
+
+    prefill: Parallel
+    decode: Parallel
+
+
+class Outputs(_Strict):
+    perfetto: bool = Field(True, description="write trace.json (ui.perfetto.dev)")
+    figures: bool = Field(True, description="write PNG figures")
+    timeline_steps: list[int] = Field([1], description="steps recorded layer by layer for the timeline")
+
+
 class Scenario(_Strict):
     name: str
     description: str = ""
     model: str
     cluster: str
     parallel: Parallel = Parallel()
+    placement: str = Field("contiguous", description="contiguous, round_robin, or a placement file "
+                                                     "(physical_to_logical_map, as SGLang's --init-expert-location)")
     workload: WorkloadSpec
     routing: Routing = Routing()
     dtypes: Dtypes = Dtypes()
+    scheduler: Scheduler = Scheduler()
+    policies: Policies = Policies()
+    disaggregation: Disaggregation | None = None
+    outputs: Outputs = Outputs()
 
 
 def bundled_scenarios() -> dict[str, Path]:

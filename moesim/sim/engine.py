@@ -1,0 +1,311 @@
+"""The serving simulator: requests arrive, serving groups batch and step them, in SimPy.
+
+Each serving group (one, or a prefill and a decode group under prefill-decode disaggregation)
+is a SimPy process that loops: admit waiting requests (continuous batching, FCFS per DP
+replica, while the replica has free KV-cache blocks and sequence slots), schedule a step (every
+running decode sequence adds a token; prompt chunks fill the rest of the token budget: chunked
+prefill), cost it with :class:`moesim.sim.step.StepModel`, hold for its duration, then advance
+the sequences. A decode sequence that needs a KV block when none is free preempts the replica's
+newest sequence, which frees its blocks and is recomputed later (vLLM's recompute preemption).
+
+Under disaggregation a request's KV cache moves from the prefill group to the decode group when
+its prompt is done, as a transfer over :class:`moesim.sim.resources.SharedLink` (the NICs
+between the groups: concurrent transfers share their bandwidth) using one of the source's copy
+engines.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from moesim.sim.resources import SharedLink
+from moesim.sim.step import StepLoad, StepModel
+
+WAITING, RUNNING, DONE = 0, 1, 2
+
+
+@dataclass
+class GroupConfig:
+    """One serving group: its step model, role (``both``, ``prefill`` or ``decode``) and
+    scheduler limits per DP replica."""
+
+    name: str
+    model: StepModel
+    role: str
+    kv_blocks: int  # per replica
+    block_size: int = 16
+    max_running: int = 256
+    max_batched_tokens: int = 8192
+    chunked_prefill: bool = True
+    kv_bytes_per_token: float = 0.0  # whole request, all layers (disaggregated transfer size)
+
+
+@dataclass
+class RunLog:
+    """What a run recorded: one row per request and per step, device busy seconds."""
+
+    arrival: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    first_token: np.ndarray
+    finish: np.ndarray
+    preemptions: np.ndarray
+    steps: dict[str, list] = field(default_factory=lambda: {k: [] for k in (
+        "group", "start", "duration", "decode_tokens", "prefill_tokens", "running", "waiting", "kv_used_blocks",
+        "slots", "dropped")})
+    busy: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # group -> attention / experts / comm
+    rank_slots: dict[str, np.ndarray] = field(default_factory=dict)
+    spans: list = field(default_factory=list)  # (group, step, device, stream, name, start, end)
+    counters: list = field(default_factory=list)  # (time, name, {series: value})
+    transfers: list = field(default_factory=list)  # (request, start, end, bytes)
+    events: int = 0
+
+
+class _Group:
+    def __init__(self, env: simpy.Environment, cfg: GroupConfig, log: RunLog, routing, detail_steps: set[int]):
+        self.env, self.cfg, self.log, self.routing = env, cfg, log, routing
+        R = cfg.model.replicas
+        self.R = R
+        self.queues = [deque() for _ in range(R)]
+        self.running: list[list[int]] = [[] for _ in range(R)]
+        self.free = np.full(R, cfg.kv_blocks, dtype=np.int64)
+        self.next_replica = 0
+        self.wakeup: simpy.Event | None = None
+        self.detail_steps = detail_steps
+        self.step_index = 0
+        self.handoff = None  # disaggregated prefill: called with each request whose prompt is done
+        n = log.arrival.size
+        self.target = np.zeros(n, dtype=np.int64)  # tokens to prefill before decoding
+        self.prefilled = np.zeros(n, dtype=np.int64)
+        self.context = np.zeros(n, dtype=np.int64)  # tokens in this group's KV cache
+        self.generated = np.zeros(n, dtype=np.int64)
+        self.blocks = np.zeros(n, dtype=np.int64)
+        self.replica = np.zeros(n, dtype=np.int64)
+        devices = len(cfg.model.devices)
+        log.busy[cfg.name] = {k: np.zeros(devices) for k in ("attention", "experts", "comm")}
+        log.rank_slots[cfg.name] = 0.0
+
+    # -- queueing ------------------------------------------------------------------------------
+    def enqueue(self, request: int, prefilled: int = 0, generated: int = 0) -> None:
+        """A request joins a replica's queue, round robin (SGLang's DP load balancer default)."""
+        r = self.next_replica
+        self.next_replica = (r + 1) % self.R
+        self.replica[request] = r
+        self.generated[request] = generated
+        self.target[request] = self.log.prompt[request] + max(generated - 1, 0)
+        self.prefilled[request] = prefilled
+        self.queues[r].append(request)
+        if self.wakeup is not None and not self.wakeup.triggered:
+            self.wakeup.succeed()
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.cfg.block_size)
+
+    def _admit(self) -> None:
+        cfg = self.cfg
+        for r in range(self.R):
+            queue, running = self.queues[r], self.running[r]
+            while queue and len(running) < cfg.max_running:
+                request = queue[0]
+                need = self._blocks_for(int(self.target[request]) + 1)
+                if need > cfg.kv_blocks:
+                    raise ValueError(f"request {request} needs {need} KV blocks; a replica holds {cfg.kv_blocks}")
+                if need > self.free[r]:
+                    break
+                queue.popleft()
+                running.append(request)
+                self.free[r] -= need
+                self.blocks[request] = need
+                self.context[request] = self.prefilled[request]
+
+    def _preempt(self, r: int, keep: set[int]) -> bool:
+        """Free the newest running sequence of replica ``r`` not in ``keep``; False if none."""
+        for request in reversed(self.running[r]):
+            if request not in keep:
+                self.running[r].remove(request)
+                self.free[r] += self.blocks[request]
+                self.blocks[request] = 0
+                self.log.preemptions[request] += 1
+                self.target[request] = self.log.prompt[request] + max(self.generated[request] - 1, 0)
+                self.prefilled[request] = 0
+                self.queues[r].appendleft(request)
+                return True
+        return False
+
+    # -- one step ------------------------------------------------------------------------------
+    def _schedule(self):
+        cfg = self.cfg
+        decode_ids: list[int] = []
+        chunks: list[tuple[int, int, int, int]] = []  # (replica, request, tokens, context)
+        for r in range(self.R):
+            running = self.running[r]
+            prefilling = [q for q in running if self.prefilled[q] < self.target[q]]
+            dec = [] if (prefilling and not cfg.chunked_prefill) else [q for q in running if self.prefilled[q] >= self.target[q]]
+            # KV growth: a decode token that starts a block takes a free one, else preempts
+            grow = [q for q in dec if self.context[q] % cfg.block_size == 0]
+            while len(grow) > self.free[r] and self._preempt(r, set()):
+                running = self.running[r]
+                prefilling = [q for q in running if self.prefilled[q] < self.target[q]]
+                dec = [q for q in running if self.prefilled[q] >= self.target[q]] if dec else []
+                grow = [q for q in dec if self.context[q] % cfg.block_size == 0]
+            for q in grow:
+                self.blocks[q] += 1
+            self.free[r] -= len(grow)
+            budget = cfg.max_batched_tokens - len(dec)
+            for q in prefilling:
+                if budget <= 0:
+                    break
+                left = int(self.target[q] - self.prefilled[q])
+                take = min(left, budget) if cfg.chunked_prefill else (left if left <= budget or not chunks else 0)
+                if take <= 0:
+                    break
+                chunks.append((r, q, take, int(self.prefilled[q])))
+                budget -= take
+            decode_ids += dec
+        return decode_ids, chunks
+
+    def _load(self, decode_ids: list[int], chunks) -> StepLoad:
+        R = self.R
+        ids = np.array(decode_ids, dtype=np.int64)
+        rep = self.replica[ids]
+        decode = np.bincount(rep, minlength=R)
+        kv_sum = np.bincount(rep, weights=self.context[ids], minlength=R)
+        kv = np.ceil(kv_sum / np.maximum(decode, 1)).astype(np.int64)
+        prefill = np.zeros(R, dtype=np.int64)
+        for r, _, take, _ in chunks:
+            prefill[r] += take
+        if self.routing is None:  # a dense model
+            counts, source = np.zeros((0, 0), dtype=np.int64), None
+        else:
+            counts, source = self.routing.step(self, ids, chunks, int(decode.sum() + prefill.sum()), int(decode.sum()))
+        return StepLoad(decode, kv, prefill, [(r, take, ctx) for r, _, take, ctx in chunks], counts, source)
+
+    def _advance(self, decode_ids: list[int], chunks, now: float) -> None:
+        log = self.log
+        done: list[int] = []
+        for q in decode_ids:
+            self.generated[q] += 1
+            self.context[q] += 1
+            if self.generated[q] >= log.output[q]:
+                done.append(q)
+        for _, q, take, _ in chunks:
+            self.prefilled[q] += take
+            self.context[q] += take
+            if self.prefilled[q] >= self.target[q]:
+                self.generated[q] += 1  # the prompt's last position yields the next token
+                if np.isnan(log.first_token[q]):
+                    log.first_token[q] = now
+                if self.handoff is not None and self.generated[q] < log.output[q]:
+                    self._release(q)
+                    self.handoff(q, int(self.generated[q]))
+                elif self.generated[q] >= log.output[q]:
+                    done.append(q)
+        for q in done:
+            self._release(q)
+            log.finish[q] = now
+            self.finished(q)
+
+    def _release(self, q: int) -> None:
+        r = self.replica[q]
+        self.running[r].remove(q)
+        self.free[r] += self.blocks[q]
+        self.blocks[q] = 0
+
+    def finished(self, request: int) -> None:  # set by the engine
+        pass
+
+    def loop(self):
+        env, log, cfg = self.env, self.log, self.cfg
+        while True:
+            self._admit()
+            decode_ids, chunks = self._schedule()
+            if not decode_ids and not chunks:
+                self.wakeup = env.event()
+                yield self.wakeup
+                self.wakeup = None
+                continue
+            load = self._load(decode_ids, chunks)
+            detail = self.step_index in self.detail_steps
+            cost = cfg.model.cost(load, detail=detail)
+            start = env.now
+            yield env.timeout(cost.duration)
+            log.events += 1
+            steps = log.steps
+            steps["group"].append(cfg.name)
+            steps["start"].append(start)
+            steps["duration"].append(cost.duration)
+            steps["decode_tokens"].append(len(decode_ids))
+            steps["prefill_tokens"].append(int(load.prefill.sum()))
+            steps["running"].append(sum(len(r) for r in self.running))
+            steps["waiting"].append(sum(len(q) for q in self.queues))
+            used = cfg.kv_blocks * self.R - int(self.free.sum())
+            steps["kv_used_blocks"].append(used)
+            steps["slots"].append(cost.slots)
+            steps["dropped"].append(cost.dropped)
+            busy = log.busy[cfg.name]
+            busy["attention"] += cost.attention
+            busy["experts"] += cost.experts
+            busy["comm"] += cost.comm
+            log.rank_slots[cfg.name] = log.rank_slots[cfg.name] + cost.rank_slots
+            if detail:
+                log.spans += [(cfg.name, self.step_index, d, stream, name, start + a, start + b)
+                              for d, stream, name, a, b in cost.spans]
+                log.counters.append((start, f"{cfg.name} tokens per expert (layer 0)",
+                                     {f"e{e}": int(v) for e, v in enumerate(load.counts[0])} if load.counts.size else {}))
+            log.counters.append((start, f"{cfg.name} KV blocks used", {"blocks": used}))
+            self.step_index += 1
+            self._advance(decode_ids, chunks, env.now)
+
+
+def run(groups: list[GroupConfig], arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray, routing_for,
+        *, link: tuple[float, float] | None = None, copy_engines: int = 2, detail_steps: set[int] = frozenset({1})) -> RunLog:
+    """Serve the requests on the groups (one ``both`` group, or ``prefill`` then ``decode``) and
+    return the log. ``routing_for(group_config)`` gives each group its routing source;
+    ``link`` is the (bandwidth B/s, latency s) of the KV path between disaggregated groups."""
+    n = arrival.size
+    log = RunLog(arrival=arrival, prompt=prompt, output=output, first_token=np.full(n, np.nan), finish=np.full(n, np.nan),
+                 preemptions=np.zeros(n, dtype=np.int64))
+    env = simpy.Environment()
+    live = [_Group(env, g, log, routing_for(g), set(detail_steps)) for g in groups]
+    all_done = env.event()
+    remaining = [n]
+
+    def finished(_request: int) -> None:
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            all_done.succeed()
+
+    for g in live:
+        g.finished = finished
+    entry = live[0]
+    if len(live) == 2:
+        prefill, decode = live
+        engines = simpy.Resource(env, capacity=copy_engines)
+        kv_link = SharedLink(env, link[0], link[1], name="kv transfer")
+
+        def move(request: int, generated: int):
+            nbytes = groups[0].kv_bytes_per_token * (prompt[request] + generated - 1)
+            with engines.request() as slot:
+                yield slot
+                start = env.now
+                yield from kv_link.transfer(nbytes)
+                log.transfers.append((request, start, env.now, nbytes))
+            decode.enqueue(request, prefilled=int(prompt[request] + generated - 1), generated=generated)
+
+        prefill.handoff = lambda request, generated: env.process(move(request, generated))
+
+    def arrivals():
+        for request in np.argsort(arrival, kind="stable"):
+            if arrival[request] > env.now:
+                yield env.timeout(arrival[request] - env.now)
+            entry.enqueue(int(request))
+
+    env.process(arrivals())
+    for g in live:
+        env.process(g.loop())
+    env.run(until=all_done)
+    return log

@@ -1,0 +1,364 @@
+"""One step of a serving group: every layer of one forward pass, every rank at once.
+
+A serving group is the devices that step together: ``tp * dp`` devices of one pipeline stage,
+the MoE layers as ``ep`` expert-parallel ranks. A step runs every layer for the group's batch:
+each DP replica's decode tokens and prompt chunks (chunked prefill) through attention, then at
+each MoE layer the router, the dispatch all-to-all with the per-pair byte matrix from the routing
+counts and the placement, the routed experts on each rank from its own slots, the combine
+all-to-all, and the shared experts.
+
+The all-to-all is a barrier: no rank's experts start before every source has sent, and the next
+layer waits for the combine. So a step is a closed-form recurrence over per-rank NumPy arrays
+``[layers, ranks]``: between two MoE layers each replica runs its own attention and dense layers,
+the slowest one opens the dispatch, the slowest expert rank closes the combine (the straggler
+sets the step). This is exactly what stepping a discrete-event engine per layer and per
+synchronisation point would give, without one event per layer and rank.
+
+Overlap policies (``OVERLAP``):
+
+- ``none``: attention, dispatch, experts, combine in sequence;
+- ``shared_expert``: the shared experts run on the compute stream while dispatch is in flight;
+- ``two_microbatch``: DeepSeek's two-batch overlap: the batch is cut in two halves and one
+  half's all-to-all runs while the other half computes (two streams, per-layer dependencies).
+
+Every operator is costed by :class:`moesim.cost.estimate.LayerCosting`, so a balanced decode step
+equals ``moesim estimate``'s decode step (a test shows it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moesim.cost.collectives import AllToAll
+from moesim.cost.estimate import LayerCosting, Workload, _layer_kind
+from moesim.cost.moe import expert_times
+from moesim.cost.layout import Layout
+from moesim.dtypes import dtype_bytes, weight_bytes_per_param
+from moesim.errors import InputError
+from moesim.models.arch import ModelArch
+from moesim.routing.stream import round_to_total
+from moesim.sim.dispatch import Dispatch
+from moesim.sim.placement import Placement
+
+OVERLAP = ("none", "shared_expert", "two_microbatch")
+
+
+@dataclass
+class StepLoad:
+    """What one step computes. Per DP replica: ``decode`` sequences adding a token over ``kv``
+    cached tokens on average, ``prefill`` prompt tokens in ``chunks`` of (replica, tokens,
+    context). ``counts``: routed slots per logical expert ``[moe layers, experts]`` of the whole
+    group; ``source``: the same per replica ``[replicas, moe layers, experts]`` when known
+    (token-level routing), else each replica sends in proportion to its tokens."""
+
+    decode: np.ndarray
+    kv: np.ndarray
+    prefill: np.ndarray
+    chunks: list[tuple[int, int, int]]
+    counts: np.ndarray
+    source: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.decode + self.prefill
+
+    def half(self, first: bool) -> StepLoad:
+        """One of two micro-batches: the sequences of each replica cut in two."""
+        def cut(x):
+            return (x + 1) // 2 if first else x // 2
+        chunks = self.chunks[0::2] if first else self.chunks[1::2]
+        prefill = np.zeros_like(self.prefill)
+        for replica, tokens, _ in chunks:
+            prefill[replica] += tokens
+        total = max(int(self.tokens.sum()), 1)
+        share = (cut(self.decode) + prefill).sum() / total
+        counts = np.floor(self.counts * share + (0.5 if first else 0.0)).astype(np.int64)
+        source = None if self.source is None else np.floor(self.source * share).astype(np.int64)
+        return StepLoad(cut(self.decode), self.kv, prefill, chunks, counts, source)
+
+
+@dataclass
+class StepCost:
+    """Seconds of one step and where they went. Per-device arrays are over the group's devices."""
+
+    duration: float
+    attention: np.ndarray  # compute seconds outside the routed experts (attention, dense, shared, head)
+    experts: np.ndarray  # routed-expert seconds
+    comm: np.ndarray  # all-to-all (or gather / scatter) seconds the device's links are busy
+    slots: int  # routed slots (computed + dropped)
+    dropped: int
+    rank_slots: np.ndarray  # [ep ranks] slots received, summed over layers
+    spans: list = field(default_factory=list)  # (device, stream, name, start, end) when asked
+
+
+class StepModel:
+    """Costs steps of one serving group of ``layout`` on ``devices`` (topology node names)."""
+
+    def __init__(self, arch: ModelArch, cluster, layout: Layout, devices: list[str], *, dtype: str, expert_dtype: str,
+                 kv_dtype: str, placement: Placement | None, dispatch: Dispatch, overlap: str = "none",
+                 all_to_all: str = "auto"):
+        if layout.pp > 1:
+            raise InputError("pipeline parallelism (pp > 1) is not simulated yet; moesim estimate costs it", field="parallel.pp")
+        if any(layer.encoder for layer in arch.layers):
+            raise InputError(f"{arch.name} is an encoder-decoder model; the serving simulator runs decoder-only models",
+                             field="model")
+        if arch.is_moe and layout.ep == 1 and layout.dp > 1 and layout.expert_tp == layout.tp:
+            raise InputError("DP replicas without expert parallelism never synchronise: simulate one replica (dp: 1) "
+                             "and scale, or use EP", field="parallel.dp")
+        if overlap not in OVERLAP:
+            raise InputError(f"unknown overlap policy {overlap!r}; expected one of {', '.join(OVERLAP)}", field="policies.overlap")
+        self.arch, self.layout, self.overlap = arch, layout, overlap
+        self.costing = c = LayerCosting(arch, cluster, layout, Workload(1, 1, 1), dtype, expert_dtype, kv_dtype,
+                                        group_sequences=1, devices=devices)
+        self.device = c.device
+        self.devices = list(devices)
+        self.replicas = layout.dp
+        self.layers = list(arch.layers)
+        self.is_moe = np.array([layer.moe for layer in self.layers])
+        self.windows = sorted({layer.window or 0 for layer in self.layers})
+        self.window_of = np.array([self.windows.index(layer.window or 0) for layer in self.layers])
+        self.kinds = sorted({_layer_kind(layer) for layer in self.layers})
+        self.placement, self.dispatch = placement, dispatch
+        moe = arch.moe
+        self.a2a = None
+        if moe is not None and layout.ep > 1:
+            group = c.ep_group
+            algorithm = c.a2a_algorithm(group) if all_to_all == "auto" else all_to_all
+            self.a2a = AllToAll(c.graph, group, algorithm)
+            per_expert = (3 if moe.gated else 2) * arch.hidden * moe.expert_inter
+            self.expert_bytes = per_expert * weight_bytes_per_param(expert_dtype) / layout.expert_tp
+        self._memo: dict = {}
+
+    # -- memoised pieces that depend only on token counts ---------------------------------------
+    def _sum(self, key, make) -> float:
+        value = self._memo.get(key)
+        if value is None:
+            value = self._memo[key] = float(sum(op.time for op in make()))
+        return value
+
+    def _per_replica(self, name: str, tokens: np.ndarray, make) -> np.ndarray:
+        return np.array([self._sum((name, int(t)), lambda t=int(t): make(t)) if t else 0.0 for t in tokens])
+
+    def _attention(self, load: StepLoad) -> np.ndarray:
+        """``[windows, replicas]``: the attention block per replica for each sliding window."""
+        c, R = self.costing, self.replicas
+        tokens = load.tokens
+        proj = np.array([self._sum(("proj", int(t), int(p)), lambda t=int(t), p=int(p): sum(c.projections(t, p), []))
+                         if t else 0.0 for t, p in zip(tokens, load.prefill)])
+        out = np.zeros((len(self.windows), R))
+        decoding = load.decode > 0
+        for w, window in enumerate(self.windows):
+            layer = next(layer for layer in self.layers if (layer.window or 0) == window)
+            core = np.zeros(R)
+            if decoding.any():
+                cost = c.decode_core(layer, np.maximum(load.decode, 1), np.maximum(load.kv, 1))
+                core = np.where(decoding, cost.time, 0.0)
+            for replica, chunk, context in load.chunks:
+                core[replica] += self._sum(("prefill", window, chunk, context),
+                                           lambda: [c.prefill_core(layer, 1, chunk, context)])
+            out[w] = proj + core
+        return out
+
+    def _phases(self, load: StepLoad) -> dict:
+        """Per layer and rank: compute before the barrier, shared experts, dispatch, experts,
+        combine; and the tail after the last MoE layer."""
+        c, arch, lay = self.costing, self.arch, self.layout
+        tokens = load.tokens
+        attention = self._attention(load)  # [windows, R]
+        A = attention[self.window_of]  # [layers, R]
+        S = np.zeros_like(A)
+        dense_layers = np.flatnonzero(~self.is_moe)
+        for l in dense_layers:
+            layer = self.layers[l]
+            A[l] += self._per_replica(f"dense{layer.dense_inter}", tokens, lambda t, layer=layer: c.dense_block(layer, t))
+        M = int(self.is_moe.sum())
+        ep = lay.ep
+        X = np.zeros((M, max(ep, 1) if self.a2a is not None else self.replicas))
+        D = np.zeros(M)
+        C = np.zeros(M)
+        comm = np.zeros(len(self.devices))
+        dropped = 0
+        slots = int(load.counts.sum())
+        rank_slots = np.zeros(X.shape[1])
+        if M:
+            moe = arch.moe
+            pre = self._per_replica("moe_pre", tokens, c.moe_pre)
+            shared = self._per_replica("moe_shared", tokens, c.moe_shared)
+            A[self.is_moe] += pre
+            S[self.is_moe] = shared
+            kw = dict(hidden=arch.hidden, inter=moe.expert_inter, dtype=c.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated)
+            if self.a2a is not None:
+                X, D, C, comm, dropped, rank_slots = self._expert_parallel(load, kw)
+            elif lay.expert_tp > lay.tp:
+                group = int(tokens.sum())
+                X = np.broadcast_to(expert_times(self.device, load.counts, tokens=max(group, 1), top_k=moe.top_k, **kw)[:, None],
+                                    (M, self.replicas)).copy()
+                gather = self._sum(("gather", group), lambda: [c.moe_gather_scatter(group)[0]]) if group else 0.0
+                scatter = self._sum(("scatter", group), lambda: [c.moe_gather_scatter(group)[1]]) if group else 0.0
+                D[:], C[:] = gather, scatter
+                comm[:] = M * (gather + scatter)
+                rank_slots = np.full(self.replicas, float(load.counts.sum()))
+            else:
+                per_replica = load.source if load.source is not None else self._split(load.counts, tokens)
+                X = expert_times(self.device, np.moveaxis(per_replica, 0, 1), tokens=np.maximum(tokens, 1)[None, :],
+                                 top_k=moe.top_k, **kw)
+                X = np.where(tokens[None, :] > 0, X, 0.0)
+                rank_slots = per_replica.sum(axis=(1, 2)).astype(np.float64)
+        finishing = np.bincount(np.array([ch[0] for ch in load.chunks], dtype=np.int64), minlength=self.replicas)
+        head = self._per_replica("lm_head", load.decode + finishing,
+                                 lambda t: [c.lm_head(t)])
+        return dict(A=A, S=S, X=X, D=D, C=C, head=head, comm=comm, dropped=dropped, slots=slots, rank_slots=rank_slots)
+
+    def _split(self, counts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """``[replicas, layers, experts]``: the group's counts shared out in proportion to tokens."""
+        R = self.replicas
+        if R == 1:
+            return counts[None]
+        share = tokens / max(tokens.sum(), 1)
+        out = np.stack([np.floor(counts * s).astype(np.int64) for s in share])
+        out[int(share.argmax())] += counts - out.sum(axis=0)
+        return out
+
+    def _expert_parallel(self, load: StepLoad, kw: dict):
+        lay, h = self.layout, self.arch.hidden
+        ep = lay.ep
+        physical = self.placement.split(load.counts)
+        computed, dropped, moved = self.dispatch.assign(physical, ep, self.expert_bytes)
+        M = computed.shape[0]
+        rows = computed.reshape(M, ep, -1)
+        X = expert_times(self.device, rows, **kw)
+        X = np.where(rows.sum(axis=2) > 0, X, 0.0)
+        recv = rows.sum(axis=2).astype(np.float64)  # [M, ep] slots each rank computes
+        # source EP rank i belongs to the replica of its first device
+        replica_of_rank = (np.arange(ep) * lay.expert_tp) // lay.tp
+        ranks_per_replica = max(1, lay.tp // lay.expert_tp)
+        a2a, bytes_out, bytes_back = self.a2a, h * self.costing.dispatch_element_bytes, h * dtype_bytes("bf16")
+        if load.source is not None or moved is not None:
+            if load.source is not None:
+                per_source = np.stack([self.placement.split(src).reshape(M, ep, -1).sum(axis=2) for src in load.source], axis=1)
+                kept = np.divide(recv, np.maximum(per_source.sum(axis=1), 1))  # dispatch drops / moves, per destination
+                matrix = (per_source * kept[:, None, :])[:, replica_of_rank, :] / ranks_per_replica
+            else:
+                share = self._source_share(load, replica_of_rank, ranks_per_replica)
+                matrix = share[None, :, None] * recv[:, None, :]
+            dispatch = matrix * bytes_out + (moved if moved is not None else 0.0)
+            combine = np.swapaxes(matrix, 1, 2) * bytes_back
+            d_rank, c_rank = a2a.rank_times(dispatch), a2a.rank_times(combine)
+            sent = matrix.sum(axis=(1, 2)) > 0
+        else:
+            # count level: source i sends share[i] of every rank's slots (a rank-one matrix)
+            share = self._source_share(load, replica_of_rank, ranks_per_replica)
+            d_rank = a2a.rank_times_outer(share[None, :] * bytes_out, recv)
+            c_rank = a2a.rank_times_outer(recv * bytes_back, share[None, :])
+            sent = recv.sum(axis=1) > 0
+        D = d_rank.max(axis=1) + np.where(sent, a2a.latency, 0.0)
+        C = c_rank.max(axis=1) + np.where(sent, a2a.latency, 0.0)
+        comm = np.repeat((d_rank + c_rank).sum(axis=0), lay.expert_tp)
+        return X, D, C, comm, int(dropped.sum()), recv.sum(axis=0)
+
+    @staticmethod
+    def _source_share(load: StepLoad, replica_of_rank: np.ndarray, ranks_per_replica: int) -> np.ndarray:
+        tokens = load.tokens.astype(np.float64)
+        return tokens[replica_of_rank] / ranks_per_replica / max(tokens.sum(), 1)
+
+    # -- the step ---------------------------------------------------------------------------
+    def cost(self, load: StepLoad, *, detail: bool = False) -> StepCost:
+        """The step's duration and per-device busy seconds; ``detail`` also returns the spans of
+        every layer on every device (for a timeline)."""
+        if self.overlap == "two_microbatch" and self.arch.is_moe:
+            halves = [self._phases(load.half(first)) for first in (True, False)]
+            duration, spans = self._two_microbatch(halves, detail)
+            ph = {key: halves[0][key] + halves[1][key] for key in ("A", "S", "X", "head", "comm", "slots", "dropped", "rank_slots")}
+        else:
+            ph = self._phases(load)
+            duration, spans = self._sequential(ph, detail)
+        lay = self.layout
+        rep = np.arange(len(self.devices)) // lay.tp
+        attention = (ph["A"].sum(axis=0) + ph["S"].sum(axis=0) + ph["head"])[rep]
+        if self.a2a is not None:
+            experts = ph["X"].sum(axis=0)[np.arange(len(self.devices)) // lay.expert_tp]
+        else:
+            experts = ph["X"].sum(axis=0)[rep]
+        return StepCost(duration, attention, experts, ph["comm"], ph["slots"], ph["dropped"], ph["rank_slots"], spans)
+
+    def _segments(self, ph: dict, exclude_shared: bool) -> np.ndarray:
+        """``[moe layers, replicas]``: compute each replica runs before each MoE layer's barrier."""
+        A = ph["A"] if exclude_shared else ph["A"] + ph["S"]
+        ends = np.flatnonzero(self.is_moe)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        return np.add.reduceat(A, starts, axis=0) if ends.size else np.zeros((0, A.shape[1]))
+
+    def _tail(self, ph: dict) -> np.ndarray:
+        last = np.flatnonzero(self.is_moe)
+        start = last[-1] + 1 if last.size else 0
+        return ph["A"][start:].sum(axis=0) + ph["head"]
+
+    def _sequential(self, ph: dict, detail: bool):
+        shared = self.overlap == "shared_expert"
+        seg = self._segments(ph, shared)
+        X, D, C, S = ph["X"], ph["D"], ph["C"], ph["S"][self.is_moe]
+        opened = seg.max(axis=1) if seg.size else np.zeros(0)
+        exchange = np.maximum(D, S.max(axis=1)) if shared and S.size else D
+        per_layer = opened + exchange + (X.max(axis=1) if X.size else 0.0) + C
+        tail = self._tail(ph)
+        duration = float(per_layer.sum() + tail.max())
+        spans = self._spans(ph, seg, exchange, tail) if detail else []
+        return duration, spans
+
+    def _spans(self, ph: dict, seg: np.ndarray, exchange: np.ndarray, tail: np.ndarray) -> list:
+        lay = self.layout
+        out = []
+        t = 0.0
+        X, D, C = ph["X"], ph["D"], ph["C"]
+        per_device_x = self.a2a is not None
+        for m in range(seg.shape[0]):
+            for d, name in enumerate(self.devices):
+                r = d // lay.tp
+                out.append((d, "compute", "attention", t, t + seg[m, r]))
+            t += seg[m].max()
+            if D[m]:
+                out += [(d, "comm", "dispatch", t, t + D[m]) for d in range(len(self.devices))]
+            t += exchange[m]
+            for d in range(len(self.devices)):
+                col = d // lay.expert_tp if per_device_x else d // lay.tp
+                out.append((d, "compute", "experts", t, t + X[m, col]))
+            t += X[m].max()
+            if C[m]:
+                out += [(d, "comm", "combine", t, t + C[m]) for d in range(len(self.devices))]
+            t += C[m]
+        for d in range(len(self.devices)):
+            out.append((d, "compute", "attention+head", t, t + tail[d // lay.tp]))
+        return out
+
+    def _two_microbatch(self, halves: list[dict], detail: bool):
+        segs = [self._segments(h, False).max(axis=1) for h in halves]
+        xs = [h["X"].max(axis=1) for h in halves]
+        comp = comm = 0.0
+        done = [0.0, 0.0]  # each half's last combine
+        spans = []
+        for m in range(segs[0].size):
+            ends = []
+            for i in (0, 1):
+                start = max(comp, done[i])
+                comp = start + segs[i][m]
+                d_start = max(comm, comp)
+                comm = d_start + halves[i]["D"][m]
+                ends.append(comm)
+                if detail:
+                    spans += [(-1, "compute", f"attention mb{i}", start, comp), (-1, "comm", f"dispatch mb{i}", d_start, comm)]
+            for i in (0, 1):
+                start = max(comp, ends[i])
+                comp = start + xs[i][m]
+                c_start = max(comm, comp)
+                comm = c_start + halves[i]["C"][m]
+                done[i] = comm
+                if detail:
+                    spans += [(-1, "compute", f"experts mb{i}", start, comp), (-1, "comm", f"combine mb{i}", c_start, comm)]
+        tail = max(self._tail(h).max() for h in halves) * 2
+        duration = float(max(comp, comm) + tail)
+        if detail:
+            spans.append((-1, "compute", "attention+head", max(comp, comm), duration))
+            spans = [(d, *s[1:]) for s in spans for d in range(len(self.devices))]
+        return duration, spans

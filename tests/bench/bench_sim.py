@@ -1,0 +1,57 @@
+"""Benchmark: the serving simulator's speed and memory.
+
+    python tests/bench/bench_sim.py [--requests-ds 10000] [--requests-mixtral 1000]
+
+Runs DeepSeek-V3 decode-heavy serving on 64 H100 (EP64, DP64 attention, count-level routing
+from its profile, two-micro-batch overlap; the bundled deepseek-v3-decode-ep64 scenario with a
+Poisson stream of 10,000 requests) and Mixtral-8x7B on one H100 with token-level routing (the
+bundled mixtral-8x7b-h100 scenario, 1,000 requests). Prints wall time, simulated time,
+simulated seconds per wall second, steps (SimPy step events) per second and the process's peak
+resident memory. Target (issue 4): the 64-GPU run at least 100x faster than real time and
+under 2 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+from moesim.scenario.build import build
+from moesim.scenario.schema import load_scenario
+
+RUNS = {
+    "DeepSeek-V3 EP64": ("deepseek-v3-decode-ep64", {
+        "workload": {"arrivals": "poisson", "rate": 120.0, "requests": 10_000,
+                     "prompt": {"mean": 1024, "cv": 0.5, "max": 4096}, "output": {"mean": 512, "cv": 0.5, "max": 2048}},
+        "routing": {"distribution": "profile", "seed": 0},
+        "scheduler": {"max_running": 128, "max_batched_tokens": 2048},
+        "policies": {"overlap": "two_microbatch"}}),
+    "Mixtral-8x7B 1xH100": ("mixtral-8x7b-h100", {"workload": {"requests": 1_000}}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests-ds", type=int, default=10_000)
+    parser.add_argument("--requests-mixtral", type=int, default=1_000)
+    args = parser.parse_args()
+    counts = {"DeepSeek-V3 EP64": args.requests_ds, "Mixtral-8x7B 1xH100": args.requests_mixtral}
+    print(f"{'run':<22}{'requests':>9}{'wall s':>9}{'simulated s':>13}{'sim/wall':>10}{'steps':>9}{'steps/s':>9}{'peak RSS':>10}")
+    for name, (scenario, overrides) in RUNS.items():
+        scn, path = load_scenario(scenario)
+        update = {key: (getattr(scn, key).model_dump() | value) for key, value in overrides.items()}
+        update["workload"]["requests"] = counts[name]
+        scn = scn.model_validate(scn.model_dump() | update | {"outputs": {"perfetto": False, "figures": False, "timeline_steps": []}})
+        sim = build(scn, path)
+        start = time.perf_counter()
+        log, metrics = sim.run()
+        wall = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        steps = metrics["steps"]
+        print(f"{name:<22}{counts[name]:>9,}{wall:>9.1f}{metrics['simulated_s']:>13.1f}{metrics['simulated_s'] / wall:>9.1f}x"
+              f"{steps:>9,}{steps / wall:>9.0f}{peak:>8.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

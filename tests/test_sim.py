@@ -1,0 +1,193 @@
+"""The serving simulator: correctness properties of runs and of single steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import simpy
+
+from moesim.cli import main
+from moesim.cost.estimate import Workload, estimate
+from moesim.cost.layout import make_layout
+from moesim.errors import InputError
+from moesim.hardware import catalog
+from moesim.hardware.topology import accelerators, topology
+from moesim.models.presets import load_model
+from moesim.routing.counts import balanced_counts
+from moesim.scenario.build import build
+from moesim.scenario.schema import Scenario, bundled_scenarios, load_scenario
+from moesim.sim.dispatch import DISPATCH
+from moesim.sim.placement import contiguous, make_placement
+from moesim.sim.resources import SharedLink
+from moesim.sim.step import StepLoad, StepModel
+
+
+def _scenario(tmp_path, **overrides) -> tuple[Scenario, object]:
+    raw = {"name": "t", "model": "qwen3-30b-a3b", "cluster": "dgx-h100", "parallel": {"tp": 1, "dp": 4, "ep": 4},
+           "workload": {"arrivals": "poisson", "rate": 20.0, "requests": 40, "prompt": {"mean": 300, "cv": 0.5, "max": 1000},
+                        "output": {"mean": 40, "cv": 0.5, "max": 200}},
+           "routing": {"distribution": "profile", "seed": 3}, "scheduler": {"max_running": 16, "max_batched_tokens": 1024},
+           "outputs": {"timeline_steps": [2]}}
+    for key, value in overrides.items():
+        raw[key] = raw[key] | value if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps(raw))
+    return load_scenario(str(path))
+
+
+def _run(tmp_path, **overrides):
+    scn, path = _scenario(tmp_path, **overrides)
+    return build(scn, path).run()
+
+
+def test_shared_link_splits_bandwidth_fairly():
+    env = simpy.Environment()
+    link = SharedLink(env, 100.0)
+    ends = {}
+
+    def flow(name, delay, nbytes):
+        yield env.timeout(delay)
+        yield from link.transfer(nbytes)
+        ends[name] = env.now
+
+    env.process(flow("a", 0, 100))
+    env.process(flow("b", 0, 100))
+    env.process(flow("c", 0.5, 25))
+    env.run()
+    # a and b share 100 B/s; c joins at 0.5 s and takes a third for 0.75 s
+    assert ends == pytest.approx({"c": 1.25, "a": 2.25, "b": 2.25})
+
+
+@pytest.mark.parametrize("model, cluster, kw", [("deepseek-v3", "h100-8node", dict(tp=1, ep=64, dp=64)),
+                                                ("mixtral-8x7b", "dgx-h100", dict(tp=2)),
+                                                ("qwen3-30b-a3b", "dgx-h100", dict(tp=1, ep=4, dp=4))])
+def test_balanced_step_equals_the_analytical_estimate(model, cluster, kw):
+    arch, spec = load_model(model), catalog.cluster(cluster)
+    layout = make_layout(arch, **kw)
+    work = Workload(batch=64 * layout.dp, prompt=1024, output=256)
+    est = estimate(arch, spec, layout, work)
+    devices = accelerators(topology(spec))[: layout.devices]
+    placement = contiguous(arch.moe.num_experts, layout.ep) if layout.ep > 1 else None
+    step = StepModel(arch, spec, layout, devices, dtype=est.dtype, expert_dtype=est.expert_dtype, kv_dtype=est.kv_dtype,
+                     placement=placement, dispatch=DISPATCH["static"]())
+    R = layout.dp
+    kv = work.prompt + work.output // 2
+    counts = np.tile(balanced_counts(work.batch, arch.moe.num_experts, arch.moe.top_k), (len(arch.moe_layers), 1))
+    load = StepLoad(np.full(R, 64), np.full(R, kv), np.zeros(R, dtype=np.int64), [], counts)
+    assert step.cost(load).duration == pytest.approx(est.decode_step, rel=1e-9)
+
+
+def test_run_conserves_tokens_and_time_moves_forward(tmp_path):
+    log, m = _run(tmp_path, policies={"dispatch": "capacity", "capacity_factor": 1.0})
+    steps = {k: np.asarray(v) for k, v in log.steps.items()}
+    assert m["preemptions"] == 0
+    # every prompt token prefilled once; every output token after the first decoded once
+    assert steps["prefill_tokens"].sum() == log.prompt.sum()
+    assert steps["decode_tokens"].sum() == (log.output - 1).sum()
+    # every routed slot computed by a rank or counted as dropped
+    computed = sum(sum(g["rank_slots"]) for g in m["groups"].values())
+    assert computed + m["dropped_slots"] == m["routed_slots"]
+    assert m["dropped_slots"] > 0  # capacity factor 1 drops some of a skewed profile's slots
+    assert np.all(np.diff(steps["start"]) > 0) and np.all(steps["duration"] > 0)
+    assert np.all(log.first_token >= log.arrival) and np.all(log.finish >= log.first_token)
+
+
+def test_littles_law_holds(tmp_path):
+    log, m = _run(tmp_path, workload={"requests": 120, "rate": 10.0})
+    wait = np.mean(log.finish - log.arrival)
+    rate = log.arrival.size / m["simulated_s"]
+    assert m["mean_requests_in_engine"] == pytest.approx(rate * wait, rel=0.1)
+
+
+def test_same_seed_same_metrics(tmp_path):
+    first = _run(tmp_path)[1]
+    second = _run(tmp_path)[1]
+    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+
+
+def test_skewed_routing_is_slower_than_balanced(tmp_path):
+    work = {"arrivals": "batch", "batch": 64, "prompt": 256, "output": 32}
+    fast_log, fast = _run(tmp_path, workload=work, routing={"distribution": "balanced"})
+    slow_log, slow = _run(tmp_path, workload=work, routing={"distribution": "power_law:1.5"})
+    assert slow["simulated_s"] > fast["simulated_s"]
+
+    # prefill steps (every expert busy either way): the overloaded rank sets the step. Small
+    # decode steps can be faster when skewed: fewer experts' weights are read.
+    def prefill_step(log):
+        steps = {k: np.asarray(v) for k, v in log.steps.items()}
+        return steps["duration"][steps["decode_tokens"] == 0].mean()
+
+    assert prefill_step(slow_log) > prefill_step(fast_log)
+
+
+@pytest.mark.parametrize("overlap", ["shared_expert", "two_microbatch"])
+def test_overlap_policies_never_slower_than_sequential(tmp_path, overlap):
+    model = {"model": "deepseek-v2-lite", "parallel": {"tp": 1, "dp": 8, "ep": 8}}
+    base = _run(tmp_path, **model)[1]
+    overlapped = _run(tmp_path, **model, policies={"overlap": overlap})[1]
+    assert overlapped["simulated_s"] <= base["simulated_s"] * 1.02
+
+
+def test_disaggregated_run_moves_every_kv_cache(tmp_path):
+    log, m = _run(tmp_path, parallel={"tp": 1, "ep": 1}, disaggregation={"prefill": {"tp": 1, "dp": 4, "ep": 4},
+                                                                          "decode": {"tp": 1, "dp": 4, "ep": 4}})
+    multi = int((log.output > 1).sum())
+    assert m["kv_transfers"] == multi
+    assert all(end > start for _, start, end, _ in log.transfers)
+    assert np.isfinite(log.finish).all()
+
+
+def test_token_level_routing_counts_each_token(tmp_path):
+    log, m = _run(tmp_path, routing={"distribution": "profile", "level": "token"})
+    k = 8
+    layers = 48
+    tokens = log.prompt.sum() + (log.output - 1).sum()
+    assert m["routed_slots"] == tokens * k * layers
+
+
+def test_placement_file_errors_name_the_field(tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3]]}))
+    with pytest.raises(InputError, match="physical_to_logical_map.*multiple of EP"):
+        make_placement(str(bad), 8, 3, 1)
+    bad.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 2]]}))
+    with pytest.raises(InputError, match="no replica of experts \\[3\\]"):
+        make_placement(str(bad), 4, 2, 1)
+
+
+def test_replicated_placement_splits_tokens_by_weight(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3, 0, 0]]}))
+    placement = make_placement(str(path), 4, 2, 1)
+    split = placement.split(np.array([[9, 1, 1, 1]]))
+    assert split.tolist() == [[3, 1, 1, 1, 3, 3]]
+
+
+def test_bundled_scenarios_build():
+    for name in bundled_scenarios():
+        scn, path = load_scenario(name)
+        sim = build(scn, path, requests=5)
+        assert sim.groups and sim.memory
+
+
+def test_cli_simulate_writes_outputs(tmp_path, capsys):
+    scn, path = _scenario(tmp_path)
+    out = tmp_path / "out"
+    assert main(["simulate", "--scenario", str(path), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["requests"] == 40 and metrics["throughput"]["output_tokens_per_s"] > 0
+    trace = json.loads((out / "trace.json").read_text())
+    kinds = {e["ph"] for e in trace["traceEvents"]}
+    assert {"M", "X", "C"} <= kinds
+    assert any(e.get("name") == "experts" for e in trace["traceEvents"])
+    assert (out / "latency_cdf.png").stat().st_size > 0 and (out / "timeline_serve.png").exists()
+
+
+def test_cli_rejects_an_impossible_layout(tmp_path, capsys):
+    scn, path = _scenario(tmp_path, parallel={"tp": 1, "dp": 4, "ep": 3})
+    assert main(["simulate", "--scenario", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s.yaml" in err[0] and "parallel" in err[0]
+    assert not (tmp_path / "o").exists()
