@@ -14,6 +14,9 @@ CASES = {
                           domains=3, drift=0.3, drift_interval=100),
     "group_limited": dict(num_experts=256, top_k=8, num_layers=3, algorithm="group_limited", n_group=8, topk_group=4,
                           skew=1.2, locality=0.2, affinity=0.3),
+    # above 12 groups the subset table is too large: groups are picked one at a time
+    "group_limited_many_groups": dict(num_experts=128, top_k=8, num_layers=2, algorithm="group_limited", n_group=16,
+                                      topk_group=4, skew=1.0, locality=0.2, affinity=0.3),
     "grouped": dict(num_experts=64, top_k=8, num_layers=3, algorithm="grouped", n_group=8, skew=1.0, locality=0.4, affinity=0.3),
     "dynamic_k": dict(num_experts=32, top_k=4, num_layers=3, algorithm="dynamic_k", dynamic_threshold=0.3, skew=1.5, null_rate=0.1),
     "capacity": dict(num_experts=16, top_k=2, num_layers=2, skew=3.0, locality=0.9, capacity_factor=1.0, capacity_batch=64),

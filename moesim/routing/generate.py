@@ -6,7 +6,9 @@ from a stateful generator. So the Numba kernel (parallel over sequences) and the
 (vectorised over sequences) give bit-identical traces, the result does not depend on the number
 of threads, and the same seed always gives the same trace.
 
-Choices at one (token, layer), slot by slot:
+Under group-limited routing a (token, layer) first chooses its ``topk_group`` groups: picked
+one at a time by mass without replacement, drawn as one set from the tabulated distribution of
+those picks (see ``group_subsets``). Then its choices, slot by slot:
 
 1. locality: with probability ``locality`` repeat the previous token's choice in this slot;
 2. affinity: otherwise, with probability ``affinity``, take a successor of this token's choice
@@ -23,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from moesim.routing.profile import RoutingProfile, Tables, build_tables
+from moesim.routing.profile import RoutingProfile, Tables, alias_tables, build_tables
 from moesim.routing.trace import tokens_per_expert
 
 _TRIES = 16
@@ -35,9 +37,10 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 # Draw numbers inside one (token, layer, slot): draw 0's 64 bits hold the locality test (bits
 # 0-15), the affinity test (bits 16-31), the successor pick (bits 32-39, so ``fanout`` <= 256)
 # and the first popularity attempt (bits 40-63); the null test and the later popularity
-# attempts take a draw of their own. The group selection of a
-# (token, layer) takes 16-bit fields of the draws of slot _GROUP_SLOT + i // 4. One hash thus
-# serves the common path of a slot, which sets the kernel's speed.
+# attempts take a draw of their own. The group selection of a (token, layer) is one 53-bit
+# uniform of slot _GROUP_SLOT (an alias draw over the sets of groups), or, above
+# ``_SUBSET_MAX_GROUPS`` groups, 16-bit fields of the draws of slot _GROUP_SLOT + i // 4. One
+# hash thus serves the common path of a slot, which sets the kernel's speed.
 _D_TESTS, _D_NULL, _D_POP = 0, 3, 4
 _SHIFT_LOCAL, _SHIFT_AFFINE, _SHIFT_SUCC, _SHIFT_POP = 0, 16, 32, 40
 _GROUP_SLOT = 200  # slot numbers from here on are group-selection draws
@@ -105,175 +108,294 @@ def pop_field_np(h: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Numba kernel
+# Group-limited routing: the choice of topk_group groups as one draw
 # ---------------------------------------------------------------------------------------------
 
+# Picking groups one at a time costs a dependent chain of searches per (token, layer). Up to this
+# many groups, the distribution of the chosen *set* under those picks is tabulated once per
+# (epoch, domain, layer) instead, over every partial pick (2**n_group states), and a token draws
+# its set from an alias table in one step. Larger group counts keep the one-at-a-time picks.
+_SUBSET_MAX_GROUPS = 12
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _subset_weights(group_mass, topk_group, subsets, popcount):
+    """``[rows, len(subsets)]``: the probability that picking ``topk_group`` groups one at a time
+    by mass, without replacement, ends with each set (bitmask) in ``subsets``. Masks grow by
+    one bit, so visiting them in increasing order reaches every set after all its subsets."""
+    rows, n = group_mass.shape
+    out = np.empty((rows, subsets.size))
+    reach = np.empty(1 << n)
+    for r in range(rows):
+        m = group_mass[r]
+        reach[:] = 0.0
+        reach[0] = 1.0
+        for mask in range(1 << n):
+            c = popcount[mask]
+            if c >= topk_group or reach[mask] == 0.0:
+                continue
+            rem = 0.0  # summed, not 1 - picked, so that the last open groups get exact shares
+            for g in range(n):
+                if not (mask >> g) & 1:
+                    rem += m[g]
+            for g in range(n):
+                if not (mask >> g) & 1:
+                    share = m[g] / rem if rem > 0.0 else 1.0 / (n - c)  # no mass left: any open group
+                    reach[mask | (1 << g)] += reach[mask] * share
+        for s in range(subsets.size):
+            out[r, s] = reach[subsets[s]]
+    return out
+
+
+def group_subsets(n_group: int, topk_group: int, group_mass: np.ndarray):
+    """Alias tables ``[epoch, domain, layer, set]`` over the sets of ``topk_group`` chosen
+    groups, with the groups of each set in increasing order ``[set, topk_group]``; ``None``
+    above ``_SUBSET_MAX_GROUPS`` groups."""
+    if n_group > _SUBSET_MAX_GROUPS:
+        return None
+    popcount = np.array([m.bit_count() for m in range(1 << n_group)], dtype=np.int64)
+    subsets = np.flatnonzero(popcount == topk_group).astype(np.int64)
+    members = np.array([[g for g in range(n_group) if m >> g & 1] for m in subsets], dtype=np.int64)
+    weights = _subset_weights(group_mass.reshape(-1, n_group), topk_group, subsets, popcount)
+    prob, idx = alias_tables(weights)
+    shape = (*group_mass.shape[:-1], subsets.size)
+    return prob.reshape(shape), idx.reshape(shape), members
+
+
+def _inverse_mass(group_mass: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(group_mass > 0, 1.0 / group_mass, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numba kernel
+# ---------------------------------------------------------------------------------------------
+#
+# The kernel reads flat views of the tables: a row (epoch, domain, layer) starts at a base
+# computed once per (token, layer), so an entry is a base plus an offset, read through an
+# unsigned index (``_u``). Indexing the many-dimensional arrays instead costs a stride multiply
+# and a negative-index fix-up per dimension, a sizeable share of a slot's instructions.
+
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _at(cdf, ep, dom, layer, i):
-    """Cumulative popularity through expert ``i`` (0 before expert 0)."""
-    return 0.0 if i < 0 else cdf[ep, dom, layer, i]
+def _u(i):
+    """``i`` as an unsigned index: Numba then skips the fix-up for negative indices, a few
+    instructions on every table read of the kernel (every index here is >= 0)."""
+    return np.uint64(i)
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _taken(cand, chosen, j):
-    for i in range(j):
-        if chosen[i] == cand:
-            return True
-    return False
+def _mix(x):
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _draw_hash(token_key, layer_key, slot, draw):
+    """``_hash`` with the token's part (``seed * _GOLDEN ^ token * _MIX1``) and the layer's
+    (``layer * 65536``) worked out once by the caller."""
+    return _mix(token_key ^ (layer_key + np.uint64(slot * 256 + draw)) * _MIX2)
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _unit(h):
+    return float(np.int64(h >> np.uint64(11))) * (1.0 / 9007199254740992.0)
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _alias_at(u, n, prob, idx, base):
+    """Outcome of the alias table of ``n`` entries at ``prob[base:]`` / ``idx[base:]`` for
+    uniform ``u``, as a select rather than a branch."""
+    x = u * n
+    i = int(x)
+    other = np.int64(x - i >= prob[_u(base + i)])
+    return i + other * (np.int64(idx[_u(base + i)]) - i)
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g, group_size, alias_prob, alias_idx, row_e):
+    """The expert that uniform ``u`` picks from the popularity of the allowed experts: under
+    group-limited routing first a chosen group by mass (``sel_g``: the chosen groups in index
+    order, ``sel_before``: the mass of the chosen groups before each, ``sel_inv``: the inverse
+    of each one's mass, 0 for none), then an expert inside the group ``g`` by its alias table
+    (the layer's tables start at ``row_e``). The group is found by counting, not by a loop
+    that exits at a random point (a mispredicted branch per draw)."""
+    if algo == 1:
+        target = u * sel_mass
+        si = 0
+        for q in range(1, n_sel):
+            si += sel_before[_u(q)] <= target
+        g = sel_g[_u(si)]
+        u = min(max((target - sel_before[_u(si)]) * sel_inv[_u(si)], 0.0), _BELOW_ONE)
+    return g * group_size + _alias_at(u, group_size, alias_prob, alias_idx, row_e + g * group_size)
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _taken(cand, chosen, k):
+    """Whether ``cand`` is among this (token, layer)'s choices so far (unfilled slots hold -1):
+    a fixed count of independent compares, with no early exit to mispredict."""
+    hit = False
+    for i in range(k):
+        hit |= chosen[_u(i)] == cand
+    return hit
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
 def _allowed(cand, algo, g_lo, g_hi, group_of, group_sel):
     if algo == 1:
-        return group_sel[group_of[cand]]
+        return group_sel[_u(group_of[_u(cand)])]
     return g_lo <= cand < g_hi
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _popularity_draw(u, algo, sel_mass, n_sel, sel_list, sel_before, sel_inv, g, group_size, alias_prob, alias_idx, ep, dom, layer):
-    """The expert that uniform ``u`` picks from the popularity of the allowed experts: under
-    group-limited routing first a chosen group by mass (``sel_before``: the mass of the chosen
-    groups before each, ``sel_inv``: the inverse of each one's mass, 0 for none), then an expert inside the group ``g`` by its alias table. The group is found
-    by counting, not by a loop that exits at a random point (a mispredicted branch per draw)."""
-    if algo == 1:
-        target = u * sel_mass
-        si = 0
-        for q in range(1, n_sel):
-            si += sel_before[q] <= target
-        g = sel_list[si]
-        u = min(max((target - sel_before[si]) * sel_inv[si], 0.0), _BELOW_ONE)
-    x = u * group_size
-    i = int(x)
-    other = np.int64(x - i >= alias_prob[ep, dom, layer, g, i])
-    i += other * (alias_idx[ep, dom, layer, g, i] - i)
-    return g * group_size + i
-
-
-@numba.njit(inline="always", cache=True, error_model="numpy")
-def _route_one(seed, t, layer, cdf, gmass, alias_prob, alias_idx, ep, dom, k, E, algo, n_group, topk_group, prev, succ, fan,
-               locality, affinity, null_rate, threshold, out, chosen, group_sel, gm, cum, sel_list, sel_before, sel_inv, group_of):
-    """Route token ``t`` at ``layer``: writes ``out[layer, :k]`` (-1 for no expert) and the
-    choices before null-dropping into ``chosen``. ``prev[layer]`` holds the previous token's
-    choices at this layer, ``prev[layer - 1]`` already this token's at the layer above."""
-    group_size = E // n_group
-    sel_mass = 0.0
-    n_sel = 0
-    if algo == 1:  # group-limited: pick topk_group groups by mass, without replacement
-        # cum[g]: the open mass of groups 0..g; a pick is the number of groups whose cum lies
-        # at or below the target (independent compares, not a chain of dependent adds), and
-        # picking a group takes its mass off the groups from it on.
-        acc = 0.0
+def _pick_groups_one_by_one(h_seed, t, layer, gmass, ginv, row_g, n_group, topk_group, group_sel, sel_g, sel_before, sel_inv, cum):
+    """Group-limited routing above ``_SUBSET_MAX_GROUPS`` groups: ``topk_group`` picks by mass
+    without replacement. ``cum[g]``: the open mass of groups 0..g; a pick is the number of
+    groups whose cum lies at or below the target (independent compares, not a chain of
+    dependent adds), and picking a group takes its mass off the groups from it on. Returns the
+    chosen mass."""
+    acc = 0.0
+    for g in range(n_group):
+        acc += gmass[row_g + g]
+        cum[g] = acc
+    hg = np.uint64(0)
+    for i in range(topk_group):
+        if i % 4 == 0:
+            hg = _hash(h_seed, t, layer, _GROUP_SLOT + i // 4, 0)
+        target = _field(hg, 16 * (i % 4)) * cum[n_group - 1]
+        pick = 0
         for g in range(n_group):
-            group_sel[g] = False
-            gm[g] = gmass[ep, dom, layer, g]
-            acc += gm[g]
-            cum[g] = acc
-        hg = np.uint64(0)
-        for i in range(topk_group):
-            if i % 4 == 0:
-                hg = _hash(seed, t, layer, _GROUP_SLOT + i // 4, 0)
-            target = _field(hg, 16 * (i % 4)) * cum[n_group - 1]
-            pick = 0
+            pick += cum[g] <= target
+        if pick >= n_group or group_sel[pick]:  # rounding: the first open group past the target, else the last open one
+            pick = -1
             for g in range(n_group):
-                pick += cum[g] <= target
-            if pick >= n_group or group_sel[pick]:  # rounding: the first open group past the target, else the last open one
-                pick = -1
-                for g in range(n_group):
-                    if not group_sel[g]:
-                        pick = g
-                        if cum[g] > target:
-                            break
-            group_sel[pick] = True
-            m = gm[pick]
-            sel_mass += m
-            for g in range(pick, n_group):
-                cum[g] -= m
-            cum[pick] = cum[pick - 1] if pick > 0 else 0.0
-        acc = 0.0
-        for g in range(n_group):  # the chosen groups in index order, for the draws below
-            if group_sel[g]:
-                sel_list[n_sel] = g
-                sel_before[n_sel] = acc
-                sel_inv[n_sel] = 1.0 / gm[g] if gm[g] > 0.0 else 0.0
-                acc += gm[g]
-                n_sel += 1
-    for j in range(k):
-        chosen[j] = -1
-        out[layer, j] = -1
-    mass = 0.0
-    g_fix = 0
-    g_lo = 0
-    g_hi = E
-    for j in range(k):
-        if algo == 2:
-            g_fix = j // (k // n_group)
-            g_lo = g_fix * group_size
-            g_hi = g_lo + group_size
-        h = _hash(seed, t, layer, j, _D_TESTS)
-        pick = -1
-        # 1. temporal locality
-        cand = prev[layer, j]
-        if locality > 0.0 and cand >= 0 and _field(h, _SHIFT_LOCAL) < locality:
-            if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, j):
-                pick = cand
-        # 2. cross-layer affinity
-        if pick < 0 and affinity > 0.0 and prev[layer - 1, j] >= 0 and _field(h, _SHIFT_AFFINE) < affinity:
-            cand = succ[layer - 1, prev[layer - 1, j], int(_succ_field(h) * fan)]
-            if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, j):
-                pick = cand
-        # 3. popularity, the first attempt from the same hash
-        if pick < 0:
-            for attempt in range(_TRIES):
-                u = _pop_field(h) if attempt == 0 else _uniform(seed, t, layer, j, _D_POP + attempt)
-                cand = _popularity_draw(u, algo, sel_mass, n_sel, sel_list, sel_before, sel_inv, g_fix, group_size, alias_prob, alias_idx,
-                                        ep, dom, layer)
-                if not _taken(cand, chosen, j):
-                    pick = cand
-                    break
-            if pick < 0:
-                for cand in range(E):
-                    if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, j):
-                        pick = cand
+                if not group_sel[g]:
+                    pick = g
+                    if cum[g] > target:
                         break
-        chosen[j] = pick
-        if null_rate > 0.0 and _uniform(seed, t, layer, j, _D_NULL) < null_rate:
-            out[layer, j] = -1
-        else:
-            out[layer, j] = pick
-        if algo == 3:
-            mass += cdf[ep, dom, layer, pick] - _at(cdf, ep, dom, layer, pick - 1)
-            if mass >= threshold:
-                break
+        group_sel[pick] = True
+        m = gmass[row_g + pick]
+        for g in range(pick, n_group):
+            cum[g] -= m
+        cum[pick] = cum[pick - 1] if pick > 0 else 0.0
+    acc = 0.0
+    n_sel = 0
+    for g in range(n_group):
+        if group_sel[g]:
+            sel_g[n_sel] = g
+            sel_before[n_sel] = acc
+            sel_inv[n_sel] = ginv[row_g + g]
+            acc += gmass[row_g + g]
+            n_sel += 1
+    return acc
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _generate_kernel(seed, cdf, gmass, alias_prob, alias_idx, successors, seq_start, seq_domain, interval, locality, affinity, k,
-                     algo, n_group, topk_group, null_rate, threshold, out):
-    tokens, L, _ = out.shape
-    E = cdf.shape[3]
-    epochs = cdf.shape[0]
-    fan = successors.shape[2]
-    group_of = np.arange(E) // (E // max(n_group, 1))  # read-only, shared by every sequence
+def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups, alias_prob, alias_idx, successors, seq_start,
+                     seq_domain, interval, locality, affinity, null_rate, threshold, out):
+    """``out``: the flat ``[tokens, layers, k]`` trace. ``dims``: experts, layers, domains,
+    epochs, k, algorithm code, n_group, topk_group, number of group sets (0: pick groups one
+    at a time), successors per expert. The tables come flat (see ``generate_tokens``)."""
+    E, L, D, epochs, k, algo, n_group, topk_group, n_sets, fan = (dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
+                                                                  dims[7], dims[8], dims[9])
+    group_size = E // n_group
+    per_group = k // n_group if algo == 2 else 1
+    group_of = np.arange(E) // group_size  # read-only, shared by every sequence
     for s in numba.prange(seq_start.size - 1):
-        prev = np.full((L, k), -1, dtype=np.int64)  # the previous token's choices, per layer
+        prev = np.full(L * k, -1, dtype=np.int64)  # [layer, slot]: the previous token's choices, then this one's
         chosen = np.empty(k, dtype=np.int64)
-        group_sel = np.zeros(max(n_group, 1), dtype=np.bool_)
-        gm = np.zeros(max(n_group, 1))
-        cum = np.zeros(max(n_group, 1))
-        sel_list = np.zeros(max(n_group, 1), dtype=np.int64)
-        sel_before = np.zeros(max(n_group, 1))
-        sel_inv = np.zeros(max(n_group, 1))
+        group_sel = np.zeros(n_group, dtype=np.bool_)
+        sel_g = np.zeros(n_group, dtype=np.int64)
+        sel_before = np.zeros(n_group)
+        sel_inv = np.zeros(n_group)
+        cum = np.zeros(n_group)
         dom = seq_domain[s]
         for t in range(seq_start[s], seq_start[s + 1]):
             ep = min(t // interval, epochs - 1)
-            token_out = out[t]
+            token_key = np.uint64(seed) * _GOLDEN ^ np.uint64(t) * _MIX1
             for layer in range(L):
-                _route_one(seed, t, layer, cdf, gmass, alias_prob, alias_idx, ep, dom, k, E, algo, n_group, topk_group, prev,
-                           successors, fan, locality[layer], affinity[layer] if layer > 0 else 0.0,
-                           null_rate, threshold, token_out, chosen, group_sel, gm, cum, sel_list, sel_before, sel_inv, group_of)
+                row = (ep * D + dom) * L + layer
+                row_e = row * E
+                layer_key = np.uint64(layer * 65536)
+                sel_mass = 0.0
+                n_sel = 0
+                if algo == 1:
+                    for g in range(n_group):
+                        group_sel[g] = False
+                    if n_sets > 0:
+                        # one alias draw over the sets of chosen groups (see ``group_subsets``)
+                        st = _alias_at(_unit(_draw_hash(token_key, layer_key, _GROUP_SLOT, 0)), n_sets, sub_prob, sub_idx, row * n_sets)
+                        for q in range(topk_group):
+                            g = sub_groups[_u(st * topk_group + q)]
+                            group_sel[_u(g)] = True
+                            sel_g[_u(q)] = g
+                            sel_before[_u(q)] = sel_mass
+                            sel_inv[_u(q)] = ginv[_u(row * n_group + g)]
+                            sel_mass += gmass[_u(row * n_group + g)]
+                    else:
+                        sel_mass = _pick_groups_one_by_one(seed, t, layer, gmass, ginv, row * n_group, n_group, topk_group, group_sel,
+                                                           sel_g, sel_before, sel_inv, cum)
+                    n_sel = topk_group
+                loc = locality[layer]
+                aff = affinity[layer] if layer > 0 else 0.0
+                here = layer * k
+                above = here - k
+                ob = (t * L + layer) * k
                 for j in range(k):
-                    prev[layer, j] = chosen[j]
+                    chosen[_u(j)] = -1
+                mass = 0.0
+                g_fix = 0
+                g_lo = 0
+                g_hi = E
+                for j in range(k):
+                    if algo == 2:
+                        g_fix = j // per_group
+                        g_lo = g_fix * group_size
+                        g_hi = g_lo + group_size
+                    h = _draw_hash(token_key, layer_key, j, _D_TESTS)
+                    pick = -1
+                    # 1. temporal locality
+                    cand = prev[_u(here + j)]
+                    if (cand >= 0 and _field(h, _SHIFT_LOCAL) < loc and _allowed(cand, algo, g_lo, g_hi, group_of, group_sel)
+                            and not _taken(cand, chosen, k)):
+                        pick = cand
+                    # 2. cross-layer affinity
+                    if pick < 0 and aff > 0.0:
+                        up = prev[_u(above + j)]
+                        if up >= 0 and _field(h, _SHIFT_AFFINE) < aff:
+                            cand = np.int64(successors[_u(((layer - 1) * E + up) * fan + int(_succ_field(h) * fan))])
+                            if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, k):
+                                pick = cand
+                    # 3. popularity, the first attempt from the same hash
+                    if pick < 0:
+                        u = _pop_field(h)
+                        for attempt in range(_TRIES):
+                            if attempt > 0:
+                                u = _unit(_draw_hash(token_key, layer_key, j, _D_POP + attempt))
+                            cand = _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g_fix, group_size, alias_prob,
+                                                    alias_idx, row_e)
+                            if not _taken(cand, chosen, k):
+                                pick = cand
+                                break
+                        if pick < 0:
+                            for cand in range(E):
+                                if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, k):
+                                    pick = cand
+                                    break
+                    chosen[_u(j)] = pick
+                    if null_rate > 0.0 and _unit(_draw_hash(token_key, layer_key, j, _D_NULL)) < null_rate:
+                        out[_u(ob + j)] = -1
+                    else:
+                        out[_u(ob + j)] = pick
+                    if algo == 3:
+                        mass += cdf[row_e + pick] - (cdf[row_e + pick - 1] if pick > 0 else 0.0)
+                        if mass >= threshold:
+                            for i in range(j + 1, k):  # the remaining slots stay empty
+                                out[ob + i] = -1
+                            break
+                for j in range(k):
+                    prev[_u(here + j)] = chosen[_u(j)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +414,7 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
     out = np.full((tokens, L, k), -1, dtype=np.int16)
     prev = np.full((starts.size, L, k), -1, dtype=np.int64)
     epochs = cdf.shape[0]
+    subsets = group_subsets(n_group, profile.topk_group, tables.group_mass) if algo == 1 else None
     for pos in range(int((ends - starts).max())):
         seqs = np.flatnonzero(ends - starts > pos)
         t = starts[seqs] + pos
@@ -307,22 +430,29 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
             if algo == 1:
                 group_sel[:] = False
                 gmass = tables.group_mass[epoch, dom, layer]  # [n, groups]
-                cum = np.cumsum(gmass, axis=1)
                 each = np.arange(n)
-                for i in range(profile.topk_group):
-                    target = field_np(hash_np(seed, t, layer, _GROUP_SLOT + i // 4, 0), 16 * (i % 4)) * cum[:, -1]
-                    pick = (cum <= target[:, None]).sum(axis=1)
-                    odd = pick >= n_group
-                    odd[~odd] = group_sel[each[~odd], pick[~odd]]
-                    for r in np.flatnonzero(odd):  # rounding: the first open group past the target, else the last open one
-                        open_ = np.flatnonzero(~group_sel[r])
-                        past = open_[cum[r, open_] > target[r]]
-                        pick[r] = past[0] if past.size else open_[-1]
-                    group_sel[each, pick] = True
-                    m = gmass[each, pick]
-                    sel_mass += m
-                    cum -= np.where(np.arange(n_group)[None, :] >= pick[:, None], m[:, None], 0.0)
-                    cum[each, pick] = np.where(pick > 0, cum[each, np.maximum(pick - 1, 0)], 0.0)
+                if subsets is not None:
+                    sub_prob, sub_idx, members = subsets
+                    x = uniform_np(seed, t, layer, _GROUP_SLOT, 0) * members.shape[0]
+                    i = x.astype(np.int64)
+                    s = np.where(x - i >= sub_prob[epoch, dom, layer, i], sub_idx[epoch, dom, layer, i], i)
+                    group_sel[each[:, None], members[s]] = True
+                else:
+                    cum = np.cumsum(gmass, axis=1)
+                    for i in range(profile.topk_group):
+                        target = field_np(hash_np(seed, t, layer, _GROUP_SLOT + i // 4, 0), 16 * (i % 4)) * cum[:, -1]
+                        pick = (cum <= target[:, None]).sum(axis=1)
+                        odd = pick >= n_group
+                        odd[~odd] = group_sel[each[~odd], pick[~odd]]
+                        for r in np.flatnonzero(odd):  # rounding: the first open group past the target, else the last open one
+                            open_ = np.flatnonzero(~group_sel[r])
+                            past = open_[cum[r, open_] > target[r]]
+                            pick[r] = past[0] if past.size else open_[-1]
+                        group_sel[each, pick] = True
+                        m = gmass[each, pick]
+                        cum -= np.where(np.arange(n_group)[None, :] >= pick[:, None], m[:, None], 0.0)
+                        cum[each, pick] = np.where(pick > 0, cum[each, np.maximum(pick - 1, 0)], 0.0)
+                sel_mass = np.cumsum(np.where(group_sel, gmass, 0.0), axis=1)[:, -1]  # in index order, as the kernel adds
             chosen = np.full((n, k), -1, dtype=np.int64)
             result = np.full((n, k), -1, dtype=np.int64)
             mass = np.zeros(n)
@@ -511,10 +641,18 @@ def generate_tokens(profile: RoutingProfile, tokens: int, seed: int = 0, *, impl
         algo = ALGORITHM_CODES[profile.algorithm]
         ids = np.empty((tokens, profile.num_layers, profile.top_k), dtype=np.int16)
         n_group = profile.n_group if algo in (1, 2) else 1
-        _generate_kernel(np.uint64(seed), tables.cdf, tables.group_mass, tables.alias_prob, tables.alias_idx, tables.successors,
-                         tables.seq_start, tables.seq_domain,
-                         profile.drift_interval, tables.locality, tables.affinity, profile.top_k, algo,
-                         n_group, profile.topk_group, profile.null_rate, profile.dynamic_threshold, ids)
+        subsets = group_subsets(n_group, profile.topk_group, tables.group_mass) if algo == 1 else None
+        if subsets is None:  # no set tables: the kernel picks groups one at a time
+            subsets = (np.zeros(0), np.zeros(0, dtype=np.int32), np.zeros((0, 1), dtype=np.int64))
+        sub_prob, sub_idx, members = subsets
+        epochs, domains, _, num_experts = tables.cdf.shape
+        dims = np.array([num_experts, profile.num_layers, domains, epochs, profile.top_k, algo, n_group, profile.topk_group,
+                         members.shape[0], tables.successors.shape[2]], dtype=np.int64)
+        # ravel: views of the (contiguous) tables, not copies
+        _generate_kernel(np.uint64(seed), dims, tables.cdf.ravel(), tables.group_mass.ravel(), _inverse_mass(tables.group_mass).ravel(),
+                         sub_prob.ravel(), sub_idx.ravel(), members.ravel(), tables.alias_prob.ravel(), tables.alias_idx.ravel(),
+                         tables.successors.ravel(), tables.seq_start, tables.seq_domain, profile.drift_interval, tables.locality,
+                         tables.affinity, profile.null_rate, profile.dynamic_threshold, ids.reshape(-1))
     else:
         raise ValueError(f"unknown implementation {impl!r}; expected numba or numpy")
     if profile.capacity_factor is not None:
