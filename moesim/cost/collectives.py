@@ -151,23 +151,9 @@ class AllToAll:
         matrix = np.asarray(matrix, dtype=np.float64)
         intra = np.where(self.same & self.off, matrix, 0.0)
         inter = np.where(~self.same, matrix, 0.0)
-        intra_send, intra_recv = intra.sum(axis=-1), intra.sum(axis=-2)
-        inter_send, inter_recv = inter.sum(axis=-1), inter.sum(axis=-2)
-        if self.algorithm == "hierarchical":
-            # RDMA lands on the destination node's peer with the sender's local index, which
-            # forwards over NVLink the share meant for its node-mates: a node's inter-node
-            # receive is spread over all its NICs, and crosses scale-up once more.
-            forwarded = inter_recv * (1 - 1 / self.local)
-            intra_send = intra_send + forwarded
-            intra_recv = intra_recv + forwarded
-            inter_recv = (inter_recv @ self.node_members) / self.local
-        times = np.zeros(matrix.shape[:-1])
-        if self.capacity is not None:
-            times = np.maximum(times, np.maximum(intra_send, intra_recv) / self.capacity)
-            if self.pair is not None:
-                times = np.maximum(times, (intra / self.pair).max(axis=-1))
-        if self.nic is not None:
-            times = np.maximum(times, np.maximum(inter_send, inter_recv) / self.nic)
+        times = self._link_times(intra.sum(axis=-1), intra.sum(axis=-2), inter.sum(axis=-1), inter.sum(axis=-2))
+        if self.pair is not None:
+            times = np.maximum(times, (intra / self.pair).max(axis=-1))
         return times
 
     def rank_times_outer(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -178,14 +164,20 @@ class AllToAll:
             return self.rank_times(src[..., :, None] * dst[..., None, :])
         mates = (self.same & self.off).astype(np.float64)
         others = (~self.same).astype(np.float64)
-        intra_send, intra_recv = src * (dst @ mates), dst * (src @ mates)
-        inter_send, inter_recv = src * (dst @ others), dst * (src @ others)
+        return self._link_times(src * (dst @ mates), dst * (src @ mates), src * (dst @ others), dst * (src @ others))
+
+    def _link_times(self, intra_send, intra_recv, inter_send, inter_recv) -> np.ndarray:
+        """Each rank's seconds from its bytes sent and received inside and across nodes: the
+        larger direction over the scale-up capacity and over the NIC, in parallel."""
         if self.algorithm == "hierarchical":
+            # RDMA lands on the destination node's peer with the sender's local index, which
+            # forwards over NVLink the share meant for its node-mates: a node's inter-node
+            # receive is spread over all its NICs, and crosses scale-up once more.
             forwarded = inter_recv * (1 - 1 / self.local)
             intra_send = intra_send + forwarded
             intra_recv = intra_recv + forwarded
             inter_recv = (inter_recv @ self.node_members) / self.local
-        times = np.zeros(np.broadcast_shapes(src.shape, dst.shape))
+        times = np.zeros(np.broadcast_shapes(intra_send.shape, intra_recv.shape))
         if self.capacity is not None:
             times = np.maximum(times, np.maximum(intra_send, intra_recv) / self.capacity)
         if self.nic is not None:

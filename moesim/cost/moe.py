@@ -66,7 +66,7 @@ def _grouped(device, name: str, rows: np.ndarray, n: int, k: int, dtype: str, *,
         setattr(cost, field, np.where(idle, 0.0, getattr(cost, field)))
     cost.bytes = np.where(idle, 0.0, cost.bytes)
     cost.flops = 2.0 * total * n * k  # useful work; padding only costs time
-    cost.info = {"experts": active, "rows": total, "block_m": block_m}
+    cost.info = {"experts": active, "rows": total.astype(np.int64), "block_m": block_m.astype(np.int64)}
     return cost
 
 
@@ -96,10 +96,7 @@ def grouped_gemm(
     cost = _grouped(device, name, np.asarray(rows)[None, :], n, k, dtype, in_bytes=in_bytes, out_bytes=out_bytes,
                     foreign_rows=np.array([foreign_rows], dtype=np.float64))
     cost = _first(cost)
-    if cost.time == 0.0:
-        return OpCost(name=name, time=0.0)
-    cost.info = {key: int(v) for key, v in cost.info.items()}
-    return cost
+    return cost if cost.time else OpCost(name=name, time=0.0)
 
 
 def _moe_parts(device, local: np.ndarray, foreign: np.ndarray, tokens: np.ndarray, *, num_experts: int, hidden: int,
@@ -161,9 +158,6 @@ def moe_layer_time(
     rest = _moe_parts(device, local[None, :], np.array([float(counts.sum() - local.sum())]), np.array([float(tokens)]),
                       num_experts=num_experts, hidden=hidden, shard=inter // expert_tp, top_k=top_k, dtype=dtype, gated=gated)
     parts += [_first(p) for p in rest]
-    for p in parts:
-        if p.name in ("gate_up", "down") and p.time:
-            p.info = {key: int(v) for key, v in p.info.items()}
     return combine(
         "moe", [p for p in parts if p.time > 0],
         tokens=tokens, local_experts=per_rank, active_local_experts=int((local > 0).sum()),

@@ -40,8 +40,7 @@ def trace_events(log, groups) -> list[dict]:
     for group, step, device, stream, name, start, end in log.spans:
         events.append({"ph": "X", "pid": pid_of[(group, device)], "tid": STREAMS[stream], "name": name, "ts": start * 1e6,
                        "dur": max(end - start, 0.0) * 1e6, "args": {"step": step}})
-    for time, name, values in log.counters:
-        group = name.split(" ", 1)[0]
+    for time, group, name, values in log.counters:
         events.append({"ph": "C", "pid": pid_of[(group, -1)], "name": name, "ts": time * 1e6, "args": values})
     return events
 

@@ -170,17 +170,22 @@ def counts_from_fractions(fractions: np.ndarray, tokens: int, top_k: int) -> np.
     return counts
 
 
+def power_law_alpha(spec: str, field: str = "--routing") -> float:
+    """The exponent of a ``power_law:ALPHA`` spec (1.2 when only ``power_law`` is given)."""
+    _, _, value = spec.partition(":")
+    try:
+        return float(value or 1.2)
+    except ValueError:
+        raise InputError(f"cannot read {spec!r}: expected power_law:ALPHA, e.g. power_law:1.2", field=field) from None
+
+
 def parse_routing(spec: str, tokens: int, num_experts: int, top_k: int, *, ep: int = 1, seed: int = 0) -> np.ndarray:
     """Tokens per expert from a command-line routing spec: ``balanced``, ``power_law:ALPHA``
     or a path to a ``.npz`` trace."""
     if spec == "balanced":
         return balanced_counts(tokens, num_experts, top_k)
     if spec.startswith("power_law"):
-        _, _, value = spec.partition(":")
-        try:
-            alpha = float(value or 1.2)
-        except ValueError:
-            raise InputError(f"cannot read {spec!r}: expected power_law:ALPHA, e.g. power_law:1.2", field="--routing") from None
+        alpha = power_law_alpha(spec)
         return power_law_counts(tokens, num_experts, top_k, alpha, ep=ep, rng=np.random.default_rng(seed))
     if spec.endswith(".npz"):
         return counts_from_fractions(counts_from_trace(spec, num_experts), tokens, top_k)

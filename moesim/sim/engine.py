@@ -25,9 +25,6 @@ import simpy
 from moesim.sim.resources import SharedLink
 from moesim.sim.step import StepLoad, StepModel
 
-WAITING, RUNNING, DONE = 0, 1, 2
-
-
 @dataclass
 class GroupConfig:
     """One serving group: its step model, role (``both``, ``prefill`` or ``decode``) and
@@ -60,9 +57,8 @@ class RunLog:
     busy: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # group -> attention / experts / comm
     rank_slots: dict[str, np.ndarray] = field(default_factory=dict)
     spans: list = field(default_factory=list)  # (group, step, device, stream, name, start, end)
-    counters: list = field(default_factory=list)  # (time, name, {series: value})
+    counters: list = field(default_factory=list)  # (time, group, name, {series: value})
     transfers: list = field(default_factory=list)  # (request, start, end, bytes)
-    events: int = 0
 
 
 class _Group:
@@ -122,19 +118,18 @@ class _Group:
                 self.blocks[request] = need
                 self.context[request] = self.prefilled[request]
 
-    def _preempt(self, r: int, keep: set[int]) -> bool:
-        """Free the newest running sequence of replica ``r`` not in ``keep``; False if none."""
-        for request in reversed(self.running[r]):
-            if request not in keep:
-                self.running[r].remove(request)
-                self.free[r] += self.blocks[request]
-                self.blocks[request] = 0
-                self.log.preemptions[request] += 1
-                self.target[request] = self.log.prompt[request] + max(self.generated[request] - 1, 0)
-                self.prefilled[request] = 0
-                self.queues[r].appendleft(request)
-                return True
-        return False
+    def _preempt(self, r: int) -> bool:
+        """Free the newest running sequence of replica ``r`` for recompute; False if none runs."""
+        if not self.running[r]:
+            return False
+        request = self.running[r].pop()
+        self.free[r] += self.blocks[request]
+        self.blocks[request] = 0
+        self.log.preemptions[request] += 1
+        self.target[request] = self.log.prompt[request] + max(self.generated[request] - 1, 0)
+        self.prefilled[request] = 0
+        self.queues[r].appendleft(request)
+        return True
 
     # -- one step ------------------------------------------------------------------------------
     def _schedule(self):
@@ -147,7 +142,7 @@ class _Group:
             dec = [] if (prefilling and not cfg.chunked_prefill) else [q for q in running if self.prefilled[q] >= self.target[q]]
             # KV growth: a decode token that starts a block takes a free one, else preempts
             grow = [q for q in dec if self.context[q] % cfg.block_size == 0]
-            while len(grow) > self.free[r] and self._preempt(r, set()):
+            while len(grow) > self.free[r] and self._preempt(r):
                 running = self.running[r]
                 prefilling = [q for q in running if self.prefilled[q] < self.target[q]]
                 dec = [q for q in running if self.prefilled[q] >= self.target[q]] if dec else []
@@ -233,7 +228,6 @@ class _Group:
             cost = cfg.model.cost(load, detail=detail)
             start = env.now
             yield env.timeout(cost.duration)
-            log.events += 1
             steps = log.steps
             steps["group"].append(cfg.name)
             steps["start"].append(start)
@@ -254,9 +248,9 @@ class _Group:
             if detail:
                 log.spans += [(cfg.name, self.step_index, d, stream, name, start + a, start + b)
                               for d, stream, name, a, b in cost.spans]
-                log.counters.append((start, f"{cfg.name} tokens per expert (layer 0)",
+                log.counters.append((start, cfg.name, f"{cfg.name} tokens per expert (layer 0)",
                                      {f"e{e}": int(v) for e, v in enumerate(load.counts[0])} if load.counts.size else {}))
-            log.counters.append((start, f"{cfg.name} KV blocks used", {"blocks": used}))
+            log.counters.append((start, cfg.name, f"{cfg.name} KV blocks used", {"blocks": used}))
             self.step_index += 1
             self._advance(decode_ids, chunks, env.now)
 

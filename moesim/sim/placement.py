@@ -29,6 +29,12 @@ class Placement:
     ranks: int
     weight: np.ndarray | None = None  # [layers, physical slots]: share of its logical expert's tokens
 
+    def __post_init__(self):
+        if self.weight is None:  # replicas share their expert's tokens equally
+            experts = int(self.phy2log.max()) + 1
+            replicas = np.stack([np.bincount(row, minlength=experts) for row in self.phy2log])
+            object.__setattr__(self, "weight", 1.0 / np.take_along_axis(replicas, self.phy2log, axis=1))
+
     @property
     def slots_per_rank(self) -> int:
         return self.phy2log.shape[1] // self.ranks
@@ -39,10 +45,9 @@ class Placement:
         total is kept)."""
         L = counts.shape[0]
         phy2log = np.broadcast_to(self.phy2log, (L, self.phy2log.shape[1]))
-        weight = self._weights(counts.shape[1])
-        raw = np.take_along_axis(counts, phy2log, axis=1) * weight
+        raw = np.take_along_axis(counts, phy2log, axis=1) * self.weight
         out = np.floor(raw + 1e-9).astype(np.int64)
-        short = counts - _per_logical(out, phy2log, counts.shape[1])
+        short = counts - np.rint(_per_logical(out, phy2log, counts.shape[1])).astype(np.int64)
         if short.any():
             # the remainder of each logical expert goes to its replicas with the largest fractions
             frac = raw - out
@@ -52,20 +57,13 @@ class Placement:
                 out[layer, order[: short[layer, expert]]] += 1
         return out
 
-    def _weights(self, experts: int) -> np.ndarray:
-        if self.weight is not None:
-            return self.weight
-        L = self.phy2log.shape[0]
-        replicas = np.stack([np.bincount(row, minlength=experts) for row in self.phy2log])
-        weight = 1.0 / np.take_along_axis(replicas, self.phy2log, axis=1)
-        object.__setattr__(self, "weight", weight.reshape(L, -1))
-        return self.weight
 
 
 def _per_logical(physical: np.ndarray, phy2log: np.ndarray, experts: int) -> np.ndarray:
+    """``[layers, experts]``: the sum over each logical expert's physical slots."""
     L = physical.shape[0]
     flat = (phy2log + np.arange(L)[:, None] * experts).ravel()
-    return np.bincount(flat, weights=physical.ravel(), minlength=L * experts).reshape(L, experts).astype(np.int64)
+    return np.bincount(flat, weights=physical.ravel(), minlength=L * experts).reshape(L, experts)
 
 
 def contiguous(experts: int, ranks: int) -> Placement:
@@ -110,7 +108,7 @@ def read_placement(path: str | Path, experts: int, ranks: int, layers: int) -> P
         weight = np.atleast_2d(np.asarray(raw["weight"], dtype=np.float64))
         if weight.shape != phy2log.shape or (weight < 0).any():
             raise InputError(f"weight must be non-negative with the shape of {field} {phy2log.shape}", source=str(path))
-        sums = _per_logical(weight * 1e9, np.broadcast_to(phy2log, weight.shape), experts) / 1e9
+        sums = _per_logical(weight, phy2log, experts)
         if not np.allclose(sums, 1.0, atol=1e-6):
             raise InputError("weight of each logical expert's replicas must sum to 1", source=str(path))
     return Placement(phy2log, ranks, weight)

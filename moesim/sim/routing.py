@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.routing.counts import balanced_counts, power_law_counts
+from moesim.routing.counts import balanced_counts, power_law_alpha, power_law_counts
 from moesim.routing.generate import generate_tokens
 from moesim.routing.profile import RoutingProfile
 from moesim.routing.stream import CountStream, round_to_total
@@ -92,11 +92,7 @@ def routing_source(spec: str, level: str, profile: RoutingProfile, *, seed: int,
     if spec == "profile":
         return CountSource(L, E, k, stream=CountStream(profile, seed))
     if spec.startswith("power_law"):
-        _, _, value = spec.partition(":")
-        try:
-            alpha = float(value or 1.2)
-        except ValueError:
-            raise InputError(f"cannot read {spec!r}: expected power_law:ALPHA", field="routing.distribution") from None
+        alpha = power_law_alpha(spec, field="routing.distribution")
         rng = np.random.default_rng([seed, 0xA1FA])
         shares = np.stack([power_law_counts(4096, E, k, alpha, rng=rng) for _ in range(L)]).astype(np.float64)
         return CountSource(L, E, k, shares=shares / shares.sum(axis=1, keepdims=True), seed=seed)

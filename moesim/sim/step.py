@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moesim.cost.collectives import AllToAll
-from moesim.cost.estimate import LayerCosting, Workload, _layer_kind
+from moesim.cost.estimate import LayerCosting, Workload
 from moesim.cost.moe import expert_times
 from moesim.cost.layout import Layout
 from moesim.dtypes import dtype_bytes, weight_bytes_per_param
@@ -119,7 +119,6 @@ class StepModel:
         self.is_moe = np.array([layer.moe for layer in self.layers])
         self.windows = sorted({layer.window or 0 for layer in self.layers})
         self.window_of = np.array([self.windows.index(layer.window or 0) for layer in self.layers])
-        self.kinds = sorted({_layer_kind(layer) for layer in self.layers})
         self.placement, self.dispatch = placement, dispatch
         moe = arch.moe
         self.a2a = None
@@ -314,9 +313,7 @@ class StepModel:
         X, D, C = ph["X"], ph["D"], ph["C"]
         per_device_x = self.a2a is not None
         for m in range(seg.shape[0]):
-            for d, name in enumerate(self.devices):
-                r = d // lay.tp
-                out.append((d, "compute", "attention", t, t + seg[m, r]))
+            out += [(d, "compute", "attention", t, t + seg[m, d // lay.tp]) for d in range(len(self.devices))]
             t += seg[m].max()
             if D[m]:
                 out += [(d, "comm", "dispatch", t, t + D[m]) for d in range(len(self.devices))]

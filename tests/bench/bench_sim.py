@@ -6,7 +6,7 @@ Runs DeepSeek-V3 decode-heavy serving on 64 H100 (EP64, DP64 attention, count-le
 from its profile, two-micro-batch overlap; the bundled deepseek-v3-decode-ep64 scenario with a
 Poisson stream of 10,000 requests) and Mixtral-8x7B on one H100 with token-level routing (the
 bundled mixtral-8x7b-h100 scenario, 1,000 requests). Prints wall time, simulated time,
-simulated seconds per wall second, steps (SimPy step events) per second and the process's peak
+simulated seconds per wall second, steps per second and the process's peak
 resident memory. Target (issue 4): the 64-GPU run at least 100x faster than real time and
 under 2 GB.
 """
