@@ -8,6 +8,7 @@ from moesim.errors import InputError
 DTYPE_BYTES = {
     "fp64": 8.0, "fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0,
     "fp8": 1.0, "int8": 1.0, "fp6": 0.75, "fp4": 0.5, "int4": 0.5,
+    "int3": 0.375, "int2": 0.25,
 }
 
 # Names the measured tables and serving engines use, and the kernel variants they stand for
@@ -21,8 +22,12 @@ DTYPE_ALIASES = {
 # fp8  one fp32 scale per 128x128 block (DeepSeek-V3 / Kimi-K2 "weight_block_size": [128, 128]);
 # fp6, fp4  one E8M0 byte per 32 weights (OCP microscaling MXFP6 / MXFP4, as GPT-OSS's experts);
 # int4 one bf16 scale per group of 128 (GPTQ / AWQ / Marlin, symmetric).
+# int3, int2 HQQ as mixtral-offloading quantises experts (dvmazur/mixtral-offloading, demo notebook:
+#      BaseQuantizeConfig(nbits=2, group_size=16, quant_zero=True, quant_scale=True)): an 8-bit
+#      scale and an 8-bit zero per group, groups of 16 for 2 bits and 64 for 3 bits (HQQ's own
+#      3-bit default); the second-level scales of those bytes are under 0.1% and left out.
 # int8 keeps one scale per output channel: under 0.1% of the weights, left out.
-SCALE_BYTES = {"fp8": 4 / (128 * 128), "fp6": 1 / 32, "fp4": 1 / 32, "int4": 2 / 128}
+SCALE_BYTES = {"fp8": 4 / (128 * 128), "fp6": 1 / 32, "fp4": 1 / 32, "int4": 2 / 128, "int3": 2 / 64, "int2": 2 / 16}
 
 
 def canonical_dtype(dtype: str) -> str:

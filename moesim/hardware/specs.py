@@ -133,6 +133,8 @@ class Accelerator(Spec):
 _FALLBACK = {
     "fp4": ("fp4", "fp8", "int8", "bf16", "fp16"),
     "int4": ("int4", "int8", "fp8", "bf16", "fp16"),
+    "int3": ("bf16", "fp16"),  # HQQ 3- and 2-bit weights are dequantised against bf16 activations
+    "int2": ("bf16", "fp16"),
     "fp6": ("fp6", "fp8", "bf16", "fp16"),
     "fp8": ("fp8", "bf16", "fp16"),
     "int8": ("int8", "fp8", "bf16", "fp16"),

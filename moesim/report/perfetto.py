@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moesim.files import atomic_write
 
-STREAMS = {"compute": 1, "comm": 2}
+STREAMS = {"compute": 1, "comm": 2, "host": 3}  # host: CPU-run experts (offloading)
 
 
 def trace_events(log, groups) -> list[dict]:

@@ -7,7 +7,8 @@ scenario file and field); :meth:`Simulation.run` runs it and returns the log and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class Simulation:
     profile: RoutingProfile | None
     memory: dict[str, dict[str, float]]
     link: tuple[float, float] | None  # disaggregation: KV path bandwidth (B/s) and latency (s)
+    offload: Callable | None = None  # expert offloading: makes a fresh (OffloadStepModel, routing source) per run
 
     def run(self) -> tuple[RunLog, dict]:
         r = self.requests
@@ -57,9 +59,17 @@ class Simulation:
             return routing_source(scn.routing.distribution, scn.routing.level, self.profile, seed=scn.routing.seed + index,
                                   prompt=r.prompt, output=r.output, base_dir=self.source.parent)
 
-        log = run(self.groups, r.arrival, r.prompt, r.output, routing_for, link=self.link,
+        groups, offloaded = self.groups, None
+        if self.offload is not None:
+            offloaded, source = self.offload()
+            groups = [replace(self.groups[0], model=offloaded)]
+            routing_for = lambda group: source  # noqa: E731
+        log = run(groups, r.arrival, r.prompt, r.output, routing_for, link=self.link,
                   detail_steps=set(scn.outputs.timeline_steps))
-        return log, summarize(log, self)
+        metrics = summarize(log, self)
+        if offloaded is not None:
+            metrics["offload"] = offloaded.report(metrics["simulated_s"], metrics["output_tokens"])
+        return log, metrics
 
 
 def _layout(arch: ModelArch, parallel: Parallel, field: str, source: str) -> Layout:
@@ -104,6 +114,10 @@ def build(scn: Scenario, path: Path, *, requests: int | None = None) -> Simulati
     dtype = scn.dtypes.weights or weights
     expert_dtype = scn.dtypes.experts or (experts if dtype == weights else dtype)
     kv_dtype = scn.dtypes.kv_cache or "bf16"
+    if scn.offload is not None:
+        from moesim.scenario.offload import build_offloaded  # it builds on this module's helpers
+        return build_offloaded(scn, path, arch, cluster, dtype=dtype, expert_dtype=expert_dtype, kv_dtype=kv_dtype,
+                               requests=requests)
     if scn.disaggregation:
         roles = [("prefill", "prefill", _layout(arch, scn.disaggregation.prefill, "disaggregation.prefill", source)),
                  ("decode", "decode", _layout(arch, scn.disaggregation.decode, "disaggregation.decode", source))]

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from moesim.errors import InputError, UnknownNameError, from_validation
 from moesim.files import data_dir, load_yaml
+from moesim.units import bytes_
 from moesim.sim.workload import Requests, arrival_times, draw_lengths, read_arrival_trace
 
 
@@ -132,6 +133,31 @@ class Disaggregation(_Strict):
     decode: Parallel
 
 
+class Offload(_Strict):
+    """Expert offloading on one GPU (docs/offloading.md): the routed experts live in host DRAM
+    (and on the SSD when DRAM is short), HBM keeps ``cache_experts`` slots per MoE layer (or
+    ``cache_memory`` bytes of them; neither: all HBM the KV cache leaves). Policy names are
+    found in moesim.sim.cache.RESIDENCY, moesim.sim.prefetch.PREFETCH and moesim.sim.miss.ON_MISS."""
+
+    residency: str = Field("lru", description="static, lru, lfu or belady (oracle)")
+    scope: Literal["layer", "global", "layers"] = Field("layer", description="static: the most popular experts of each "
+                                                        "layer, of the whole model, or whole layers (llama.cpp --n-cpu-moe)")
+    cache_experts: int | None = Field(None, ge=0, description="HBM expert slots per MoE layer")
+    cache_memory: Annotated[float, BeforeValidator(bytes_)] | None = Field(
+        None, ge=0, description="HBM for the expert slots, e.g. '8 GiB' (instead of cache_experts)")
+    prefetch: str = Field("none", description="none, pregated, speculative, affinity or activation")
+    top_n: int | None = Field(None, ge=1, description="prefetch guesses per token (default: the model's top-k)")
+    accuracy: float = Field(1.0, ge=0, le=1, description="pregated / speculative: chance a used expert is predicted")
+    profile_tokens: int = Field(4096, ge=1, description="affinity: trace tokens the affinity is measured on")
+    on_miss: str = Field("wait", description="wait, low_precision, cpu or hybrid")
+    low_precision_dtype: str = Field("int2", description="low_precision: the dtype of the copies loaded on a miss")
+    host_memory: Literal["pinned", "pageable"] = Field("pinned", description="host copies of the experts: pinned "
+                                                                                "(cudaHostAlloc) or pageable")
+    cpu_sockets: int | None = Field(None, ge=1, description="CPU sockets running experts (default: all of the node)")
+    reserve: Annotated[float, BeforeValidator(bytes_)] = Field(
+        2**30, ge=0, description="HBM the framework keeps (CUDA context, allocator slack), bytes")
+
+
 class Outputs(_Strict):
     perfetto: bool = Field(True, description="write trace.json (ui.perfetto.dev)")
     figures: bool = Field(True, description="write PNG figures")
@@ -152,6 +178,7 @@ class Scenario(_Strict):
     scheduler: Scheduler = Scheduler()
     policies: Policies = Policies()
     disaggregation: Disaggregation | None = None
+    offload: Offload | None = None
     outputs: Outputs = Outputs()
 
 

@@ -68,6 +68,10 @@ class TokenSource:
             replicas.append(np.full(take, r))
         rows = np.minimum(np.concatenate(rows), self.ids.shape[0] - 1)
         rep = np.concatenate(replicas)
+        # the step's trace rows and their requests, for the expert-offloading model
+        self.rows = rows
+        self.row_requests = np.concatenate([np.asarray(decode_ids, dtype=np.int64)] +
+                                           [np.full(take, q, dtype=np.int64) for _, q, take, _ in chunks])
         chosen = self.ids[rows].astype(np.int64)  # [n, L, k]
         key = (rep[:, None, None] * L + np.arange(L)[None, :, None]) * E + chosen
         valid = chosen >= 0  # null experts (-1) are not computed
