@@ -21,104 +21,137 @@ profile's ``moe_empty_block`` carries. ``expert_tp`` shards every expert's inter
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
+import numba
 import numpy as np
 
-from moesim.cost.gemm import _tile, gemm_time, wave_efficiency
-from moesim.cost.roofline import OpCost, combine, elementwise, kernel
+from moesim.cost.gemm import gemm_time
+from moesim.cost.roofline import OpCost, combine, roofline
 from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 
-def _tile_array(size: np.ndarray, largest: int, smallest: int) -> np.ndarray:
-    """:func:`moesim.cost.gemm._tile` over an array of sizes."""
-    exponent = np.ceil(np.log2(np.maximum(size, 1)))
-    return np.clip(2.0**exponent, smallest, largest)
+# The device numbers the compiled MoE loop reads (one tuple per device and expert dtype).
+_MoeDevice = namedtuple("_MoeDevice", "launch p latency stream vector_rate moe_rate moe_stream tile_m tile_n k_half units "
+                                      "empty_block weight_bytes act_bytes")
+
+_PARTS = ("topk", "align", "gate_up", "activation", "down", "combine")
+_FIELDS = ("time", "compute_time", "memory_time", "launch_time", "flops", "bytes")
 
 
-def _grouped(device, name: str, rows: np.ndarray, n: int, k: int, dtype: str, *, in_bytes: float, out_bytes: float,
-             foreign_rows: np.ndarray) -> OpCost:
-    """:func:`grouped_gemm` for a batch of ranks at once: ``rows`` is ``[ranks, experts]``,
-    ``foreign_rows`` ``[ranks]``; the OpCost's fields are arrays over the ranks."""
-    variant = dtype.lower()
-    rows = rows.astype(np.float64)
-    active = (rows > 0).sum(axis=1)
-    total = rows.sum(axis=1)
+def _moe_device(device, dtype: str) -> _MoeDevice:
     eff = device.efficiency
-    block_m = _tile_array(np.ceil(total / np.maximum(active, 1)), eff.moe_tile_m, 16)
-    padded = np.ceil(rows / block_m[:, None]) * block_m[:, None]
-    block_n = _tile(n, eff.tile_n, 32)
-    n_tiles = (padded / block_m[:, None]).sum(axis=1) * math.ceil(n / block_n)
-    units = device.compute_units
-    waves = np.maximum(np.ceil(n_tiles / units), 1)
-    shape_eff = np.maximum(n_tiles, 1) / (waves * units) * (k / (k + eff.k_half))
-    act_dtype = "bf16" if canonical_dtype(variant) in ("int4", "fp4") else canonical_dtype(variant)
-    flops = 2.0 * padded.sum(axis=1) * n * k
-    bytes_moved = active * n * k * weight_bytes_per_param(variant) + total * (k * in_bytes + n * out_bytes)
-    cost = kernel(
-        device, name, flops, bytes_moved, act_dtype,
-        compute_efficiency=eff.moe_compute_for(variant, canonical_dtype(variant)) * shape_eff,
-        memory_efficiency=eff.moe_memory_for(variant, canonical_dtype(variant)),
-    )
-    empty = np.ceil(foreign_rows / block_m) * math.ceil(n / block_n) * eff.moe_empty_block
-    idle = active == 0  # experts with no rows cost nothing: their weights are not read
-    cost.time = np.where(idle, 0.0, cost.time + empty)
-    cost.launch_time = np.where(idle, 0.0, cost.launch_time + empty)
-    for field in ("compute_time", "memory_time"):
-        setattr(cost, field, np.where(idle, 0.0, getattr(cost, field)))
-    cost.bytes = np.where(idle, 0.0, cost.bytes)
-    cost.flops = 2.0 * total * n * k  # useful work; padding only costs time
-    cost.info = {"experts": active, "rows": total.astype(np.int64), "block_m": block_m.astype(np.int64)}
-    return cost
+    variant = dtype.lower()
+    canon = canonical_dtype(variant)
+    act = "bf16" if canon in ("int4", "fp4") else canon
+    stream = device.memory.bandwidth * eff.memory
+    return _MoeDevice(
+        float(device.launch_overhead), float(eff.roofline_p), float(eff.memory_latency), float(stream),
+        # element-wise kernels run on the vector units: the fp32 peak, as roofline.elementwise rates them
+        float(device.peak_flops("fp32")),
+        float(device.peak_flops(act) * eff.moe_compute_for(variant, canon)),
+        float(stream * eff.moe_memory_for(variant, canon)),
+        float(eff.moe_tile_m), float(eff.tile_n), float(eff.k_half), float(device.compute_units), float(eff.moe_empty_block),
+        float(weight_bytes_per_param(variant)), float(dtype_bytes(act)))
 
 
-def _first(cost: OpCost) -> OpCost:
-    """The OpCost of the first rank of an array-valued one, with plain float fields."""
-    fields = {f: float(np.asarray(getattr(cost, f)).reshape(-1)[0]) for f in
-              ("time", "compute_time", "memory_time", "launch_time", "comm_time", "flops", "bytes")}
-    info = {key: (np.asarray(v).reshape(-1)[0].item() if isinstance(v, np.ndarray) else v) for key, v in cost.info.items()}
-    return OpCost(name=cost.name, parts=[_first(p) for p in cost.parts], info=info, **fields)
+@numba.njit(inline="always", cache=True)
+def _tile_edge(size, largest, smallest):
+    """:func:`moesim.cost.gemm._tile`: the next power of two, clamped."""
+    mantissa, exponent = math.frexp(max(math.ceil(size), 1.0))  # size = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return min(max(math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent), smallest), largest)
 
 
-def grouped_gemm(
-    device,
-    name: str,
-    rows: np.ndarray,
-    n: int,
-    k: int,
-    dtype: str,
-    *,
-    in_bytes: float,
-    out_bytes: float,
-    foreign_rows: int = 0,
-) -> OpCost:
+@numba.njit(inline="always", cache=True)
+def _vector_kernel(flops, bytes_moved, d, out):
+    """A kernel on the vector units at full rate (top-k, sort, element-wise): writes its
+    :data:`_FIELDS` into ``out``."""
+    compute, memory, body = roofline(flops, bytes_moved, d.vector_rate, d.stream, d.latency, d.p)
+    out[0], out[1], out[2], out[3], out[4], out[5] = d.launch + body, compute, memory, d.launch, flops, bytes_moved
+
+
+@numba.njit(inline="always", cache=True)
+def _grouped_core(rows, foreign, n, k, in_bytes, out_bytes, d, out):
     """One grouped GEMM: expert ``e`` multiplies ``rows[e]`` token rows ``[rows[e], k]`` by its
-    own ``[k, n]`` weight. Experts with no rows cost nothing (their weights are not read);
-    ``foreign_rows`` routed to other ranks' experts cost an empty block per row block."""
-    cost = _grouped(device, name, np.asarray(rows)[None, :], n, k, dtype, in_bytes=in_bytes, out_bytes=out_bytes,
-                    foreign_rows=np.array([foreign_rows], dtype=np.float64))
-    cost = _first(cost)
-    return cost if cost.time else OpCost(name=name, time=0.0)
+    own ``[k, n]`` weight, each expert's rows padded to the row block. Experts with no rows cost
+    nothing (their weights are not read); ``foreign`` rows routed to other ranks' experts cost an
+    empty block per row block. Writes :data:`_FIELDS` (flops: useful work; padding only costs
+    time) into ``out``; returns (experts with rows, rows, row block)."""
+    active, total = 0, 0.0
+    for r in rows:
+        if r > 0:
+            active += 1
+            total += r
+    out[:] = 0.0
+    if active == 0:
+        return 0.0, 0.0, 0.0
+    block_m = _tile_edge(math.ceil(total / active), d.tile_m, 16.0)
+    n_blocks = math.ceil(n / _tile_edge(n, d.tile_n, 32.0))
+    row_blocks = 0.0
+    for r in rows:
+        row_blocks += math.ceil(r / block_m)
+    n_tiles = row_blocks * n_blocks
+    waves = max(math.ceil(n_tiles / d.units), 1.0)
+    shape_eff = max(n_tiles, 1.0) / (waves * d.units) * (k / (k + d.k_half))
+    flops = 2.0 * row_blocks * block_m * n * k
+    bytes_moved = active * n * k * d.weight_bytes + total * (k * in_bytes + n * out_bytes)
+    compute, memory, body = roofline(flops, bytes_moved, d.moe_rate * shape_eff, d.moe_stream, d.latency, d.p)
+    empty = math.ceil(foreign / block_m) * n_blocks * d.empty_block
+    out[0], out[1], out[2], out[3] = d.launch + body + empty, compute, memory, d.launch + empty
+    out[4], out[5] = 2.0 * total * n * k, bytes_moved
+    return float(active), total, block_m
+
+
+@numba.njit(inline="always", cache=True)
+def _moe_rank(local, foreign, t, num_experts, hidden, shard, top_k, gated, d, parts, info):
+    """The kernels after the router of one MoE layer on one rank, from ``local`` token rows per
+    local expert, ``foreign`` rows of other ranks' experts and ``t`` tokens: writes each part's
+    :data:`_FIELDS` into ``parts`` ``[parts, fields]`` and the grouped GEMMs' (experts, rows,
+    row block) into ``info`` ``[2, 3]``."""
+    parts[:] = 0.0
+    slots = t * top_k
+    rows = local.sum()
+    _vector_kernel(2.0 * t * num_experts, 4.0 * t * num_experts, d, parts[0])  # fp32 scores read once
+    _vector_kernel(slots, 16.0 * slots, d, parts[1])  # sort: an id and a position read and written per slot
+    up_n = 2 * shard if gated else shard
+    info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, foreign, up_n, hidden, d.act_bytes, 2.0, d, parts[2])
+    if rows > 0:  # SiLU(gate) x up in bf16: both halves read when gated
+        elements = rows * shard
+        _vector_kernel(4.0 * elements, 2.0 * elements * (3.0 if gated else 2.0), d, parts[3])
+    info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, foreign, hidden, shard, 2.0, 2.0, d, parts[4])
+    # unpermute: each token's top_k bf16 outputs read, weighted and summed
+    _vector_kernel(top_k * t * hidden, 2.0 * t * hidden * (top_k + 1), d, parts[5])
+
+
+@numba.njit(cache=True)
+def _moe_core(local, foreign, tokens, num_experts, hidden, shard, top_k, gated, d):
+    """:func:`_moe_rank` for each of a batch of ranks (``local`` ``[ranks, local experts]``,
+    ``foreign`` and ``tokens`` ``[ranks]``): ``[ranks, parts, fields]`` and ``[ranks, 2, 3]``."""
+    ranks = local.shape[0]
+    parts = np.zeros((ranks, len(_PARTS), len(_FIELDS)))
+    info = np.zeros((ranks, 2, 3))
+    for i in range(ranks):
+        _moe_rank(local[i], foreign[i], tokens[i], num_experts, hidden, shard, top_k, gated, d, parts[i], info[i])
+    return parts, info
+
+
+@numba.njit(cache=True)
+def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d):
+    """Seconds of :func:`_moe_rank` for each rank (nothing foreign), without the breakdown."""
+    ranks = local.shape[0]
+    times = np.empty(ranks)
+    parts, info = np.empty((len(_PARTS), len(_FIELDS))), np.empty((2, 3))
+    for i in range(ranks):
+        _moe_rank(local[i], 0.0, tokens[i], num_experts, hidden, shard, top_k, gated, d, parts, info)
+        times[i] = parts[:, 0].sum()
+    return times
 
 
 def _moe_parts(device, local: np.ndarray, foreign: np.ndarray, tokens: np.ndarray, *, num_experts: int, hidden: int,
-               shard: int, top_k: int, dtype: str, gated: bool) -> list[OpCost]:
-    """The kernels after the router of one MoE layer on a batch of ranks: ``local`` is
-    ``[ranks, local experts]`` token rows, ``foreign`` and ``tokens`` ``[ranks]``."""
-    act = canonical_dtype(dtype)
-    act = "bf16" if act in ("int4", "fp4") else act
-    a_bytes = dtype_bytes(act)
-    slots = tokens * top_k
-    up_n = 2 * shard if gated else shard
-    rows = local.sum(axis=1).astype(np.float64)
-    parts = [elementwise(device, "topk", tokens * num_experts, "fp32", reads=1, writes=0, flops_per_element=2)]
-    # Sorting slots by expert: an id and a position read and written per slot.
-    parts.append(kernel(device, "align", slots, slots * 16.0, "fp32", compute_efficiency=1.0))
-    parts.append(_grouped(device, "gate_up", local, up_n, hidden, dtype, in_bytes=a_bytes, out_bytes=2.0, foreign_rows=foreign))
-    activation = elementwise(device, "activation", rows * shard, "bf16", reads=2 if gated else 1, writes=1, flops_per_element=4)
-    activation.time = np.where(rows > 0, activation.time, 0.0)
-    parts.append(activation)
-    parts.append(_grouped(device, "down", local, hidden, shard, dtype, in_bytes=2.0, out_bytes=2.0, foreign_rows=foreign))
-    parts.append(elementwise(device, "combine", tokens * hidden, "bf16", reads=top_k, writes=1, flops_per_element=top_k))
-    return parts
+               shard: int, top_k: int, dtype: str, gated: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_moe_core` on one device for an expert dtype (``local``: ``[ranks, local experts]``)."""
+    return _moe_core(np.ascontiguousarray(local, dtype=np.float64), np.asarray(foreign, dtype=np.float64),
+                     np.asarray(tokens, dtype=np.float64), float(num_experts), float(hidden), float(shard), float(top_k),
+                     bool(gated), _moe_device(device, dtype))
 
 
 def moe_layer_time(
@@ -155,9 +188,13 @@ def moe_layer_time(
     parts: list[OpCost] = []
     if router:
         parts.append(gemm_time(device, tokens, num_experts, hidden, "bf16", name="router"))
-    rest = _moe_parts(device, local[None, :], np.array([float(counts.sum() - local.sum())]), np.array([float(tokens)]),
-                      num_experts=num_experts, hidden=hidden, shard=inter // expert_tp, top_k=top_k, dtype=dtype, gated=gated)
-    parts += [_first(p) for p in rest]
+    fields, info = _moe_parts(device, local[None, :], [counts.sum() - local.sum()], [tokens], num_experts=num_experts,
+                              hidden=hidden, shard=inter // expert_tp, top_k=top_k, dtype=dtype, gated=gated)
+    grouped = {"gate_up": info[0, 0], "down": info[0, 1]}
+    for name, values in zip(_PARTS, fields[0]):
+        extra = grouped.get(name)
+        parts.append(OpCost(name=name, **dict(zip(_FIELDS, values.tolist())),
+                            info={} if extra is None else dict(zip(("experts", "rows", "block_m"), map(int, extra)))))
     return combine(
         "moe", [p for p in parts if p.time > 0],
         tokens=tokens, local_experts=per_rank, active_local_experts=int((local > 0).sum()),
@@ -180,6 +217,6 @@ def expert_times(device, local: np.ndarray, *, hidden: int, inter: int, dtype: s
         tokens = np.maximum(flat.sum(axis=1), 1).astype(np.float64)
     else:
         tokens = np.broadcast_to(np.asarray(tokens, dtype=np.float64), local.shape[:-1]).reshape(-1)
-    parts = _moe_parts(device, flat, np.zeros(flat.shape[0]), tokens, num_experts=flat.shape[1], hidden=hidden,
-                       shard=inter // expert_tp, top_k=top_k, dtype=dtype, gated=gated)
-    return sum(np.broadcast_to(p.time, tokens.shape) for p in parts).reshape(local.shape[:-1])
+    times = _moe_times(np.ascontiguousarray(flat, dtype=np.float64), np.ascontiguousarray(tokens), float(flat.shape[1]),
+                       float(hidden), float(inter // expert_tp), float(top_k), bool(gated), _moe_device(device, dtype))
+    return times.reshape(local.shape[:-1])

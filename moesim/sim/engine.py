@@ -181,12 +181,10 @@ class _Group:
 
     def _advance(self, decode_ids: list[int], chunks, now: float) -> None:
         log = self.log
-        done: list[int] = []
-        for q in decode_ids:
-            self.generated[q] += 1
-            self.context[q] += 1
-            if self.generated[q] >= log.output[q]:
-                done.append(q)
+        ids = np.asarray(decode_ids, dtype=np.int64)
+        self.generated[ids] += 1
+        self.context[ids] += 1
+        done: list[int] = ids[self.generated[ids] >= log.output[ids]].tolist()
         for _, q, take, _ in chunks:
             self.prefilled[q] += take
             self.context[q] += take

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,11 @@ class Placement:
             replicas = np.stack([np.bincount(row, minlength=experts) for row in self.phy2log])
             object.__setattr__(self, "weight", 1.0 / np.take_along_axis(replicas, self.phy2log, axis=1))
 
+    @cached_property
+    def replicated(self) -> bool:
+        """Whether any slot shares its expert's tokens (so :meth:`split` must divide counts)."""
+        return bool((self.weight != 1.0).any())
+
     @property
     def slots_per_rank(self) -> int:
         return self.phy2log.shape[1] // self.ranks
@@ -44,6 +50,8 @@ class Placement:
         ``[layers, experts]``: each replica gets its weight's share (largest remainder, so the
         total is kept)."""
         L = counts.shape[0]
+        if self.phy2log.shape[0] == 1 and not self.replicated:  # one slot per expert: a permutation
+            return counts[:, self.phy2log[0]]
         phy2log = np.broadcast_to(self.phy2log, (L, self.phy2log.shape[1]))
         raw = np.take_along_axis(counts, phy2log, axis=1) * self.weight
         out = np.floor(raw + 1e-9).astype(np.int64)

@@ -38,7 +38,6 @@ from moesim.cost.layout import Layout
 from moesim.dtypes import dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
 from moesim.models.arch import ModelArch
-from moesim.routing.stream import round_to_total
 from moesim.sim.dispatch import Dispatch
 from moesim.sim.placement import Placement
 
@@ -138,14 +137,17 @@ class StepModel:
         return value
 
     def _per_replica(self, name: str, tokens: np.ndarray, make) -> np.ndarray:
-        return np.array([self._sum((name, int(t)), lambda t=int(t): make(t)) if t else 0.0 for t in tokens])
+        # replicas mostly run the same batch size: cost each distinct size once
+        sizes, which = np.unique(tokens, return_inverse=True)
+        return np.array([self._sum((name, int(t)), lambda t=int(t): make(t)) if t else 0.0 for t in sizes])[which]
 
     def _attention(self, load: StepLoad) -> np.ndarray:
         """``[windows, replicas]``: the attention block per replica for each sliding window."""
         c, R = self.costing, self.replicas
         tokens = load.tokens
+        pairs, which = np.unique(np.stack([tokens, load.prefill], axis=1), axis=0, return_inverse=True)
         proj = np.array([self._sum(("proj", int(t), int(p)), lambda t=int(t), p=int(p): sum(c.projections(t, p), []))
-                         if t else 0.0 for t, p in zip(tokens, load.prefill)])
+                         if t else 0.0 for t, p in pairs])[which.reshape(-1)]
         out = np.zeros((len(self.windows), R))
         decoding = load.decode > 0
         for w, window in enumerate(self.windows):
