@@ -16,18 +16,20 @@ DTYPE_BYTES = {
 DTYPE_ALIASES = {
     "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
     "fp8_block": "fp8", "fp8_e4m3": "fp8", "int4_wo": "int4", "int8_wo": "int8", "nvfp4": "fp4", "mxfp4": "fp4",
+    # HQQ's PyTorch backend (mixtral-offloading's experts): the weights are dequantised to a
+    # full fp16 matrix before each matmul; device profiles rate the variant with moe_memory
+    "int2_hqq": "int2", "int3_hqq": "int3", "int4_hqq": "int4",
 }
 
 # Bytes of scale factors per weight in the block-quantised formats checkpoints ship:
 # fp8  one fp32 scale per 128x128 block (DeepSeek-V3 / Kimi-K2 "weight_block_size": [128, 128]);
 # fp6, fp4  one E8M0 byte per 32 weights (OCP microscaling MXFP6 / MXFP4, as GPT-OSS's experts);
 # int4 one bf16 scale per group of 128 (GPTQ / AWQ / Marlin, symmetric).
-# int3, int2 HQQ as mixtral-offloading quantises experts (dvmazur/mixtral-offloading, demo notebook:
-#      BaseQuantizeConfig(nbits=2, group_size=16, quant_zero=True, quant_scale=True)): an 8-bit
-#      scale and an 8-bit zero per group, groups of 16 for 2 bits and 64 for 3 bits (HQQ's own
-#      3-bit default); the second-level scales of those bytes are under 0.1% and left out.
+# int3, int2 HQQ as mixtral-offloading quantises experts (Eliseev & Mazur, arXiv:2312.17238, sec. 4.2):
+#      3-bit with groups of 64 and 8-bit scales and zeros (0.25 bit per weight); 2-bit with groups
+#      of 16 "uses, on average, 2.6 bits per parameter" (0.6 bit of scales and zeros per weight).
 # int8 keeps one scale per output channel: under 0.1% of the weights, left out.
-SCALE_BYTES = {"fp8": 4 / (128 * 128), "fp6": 1 / 32, "fp4": 1 / 32, "int4": 2 / 128, "int3": 2 / 64, "int2": 2 / 16}
+SCALE_BYTES = {"fp8": 4 / (128 * 128), "fp6": 1 / 32, "fp4": 1 / 32, "int4": 2 / 128, "int3": 2 / 64, "int2": 0.6 / 8}
 
 
 def canonical_dtype(dtype: str) -> str:

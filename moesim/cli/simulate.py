@@ -88,3 +88,23 @@ def _print(m: dict) -> None:
                      " / ".join(f"{b[k] / total:.0%}" for k in ("attention", "experts", "all_to_all", "idle"))])
     table("devices", ["group", "devices", "compute util", "HBM peak", "link util", "attention / experts / all-to-all / idle"],
           rows)
+    if "offload" in m:
+        _print_offload(m["offload"], m["output_tokens"])
+
+
+def _print_offload(o: dict, output_tokens: int) -> None:
+    gib = 2**30
+    b, hbm = o["bytes_moved"], o["tiers"]["hbm_bytes"]
+    p = o["policies"]
+    table(f"expert offloading: {p['residency']} / prefetch {p['prefetch']} / on miss {p['on_miss']}", ["metric", "value"], [
+        ["hit rate", f"{o['hit_rate']:.1%} of {o['accesses']:,} expert uses"],
+        ["HBM: weights / expert slots / KV", f"{hbm['non_expert_weights'] / gib:.1f} / {hbm['expert_cache'] / gib:.1f} / "
+                                             f"{hbm['kv_cache'] / gib:.1f} GiB ({o['tiers']['slots_per_layer']} slots per layer)"],
+        ["prefetched (used)", f"{o['prefetched']:,} ({o['prefetch_precision']:.0%})"],
+        ["copied on a miss (full / low precision)", f"{o['demand_copies']['full_precision']:,} / {o['demand_copies']['low_precision']:,}"],
+        ["run on the CPU", f"{o['cpu_experts']:,} experts, {o['cpu_busy_s']:,.2f} s"],
+        ["PCIe host to device", f"{(b['pcie_h2d_expert_weights'] + b['pcie_h2d_low_precision_weights']) / gib:,.1f} GiB of "
+                                f"weights ({o['pcie_h2d_utilisation']:.0%} busy)"],
+        ["SSD read / DRAM read by the CPU", f"{b['ssd_read'] / gib:,.1f} / {b['host_dram_read_by_cpu'] / gib:,.1f} GiB"],
+        ["stall waiting for experts", f"{o['stall_s']:,.2f} s ({o['stall_s_per_output_token'] * 1e3:,.1f} ms per output token)"],
+    ])

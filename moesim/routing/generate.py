@@ -162,6 +162,15 @@ def group_subsets(n_group: int, topk_group: int, group_mass: np.ndarray):
     return prob.reshape(shape), idx.reshape(shape), members
 
 
+def _expert_bits(sets, num_experts: int) -> np.ndarray:
+    """``[len(sets), (num_experts + 63) // 64]``: each set of experts as a bitmask."""
+    bits = np.zeros((len(sets), (num_experts + 63) // 64), dtype=np.uint64)
+    for r, experts in enumerate(sets):
+        for e in experts:
+            bits[r, e // 64] |= np.uint64(1) << np.uint64(e % 64)
+    return bits
+
+
 def _inverse_mass(group_mass: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.where(group_mass > 0, 1.0 / group_mass, 0.0)
@@ -232,20 +241,15 @@ def _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g, gr
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _taken(cand, chosen, k):
-    """Whether ``cand`` is among this (token, layer)'s choices so far (unfilled slots hold -1):
-    a fixed count of independent compares, with no early exit to mispredict."""
-    hit = False
-    for i in range(k):
-        hit |= chosen[_u(i)] == cand
-    return hit
+def _is_free(free, cand):
+    """Bit ``cand`` (>= 0) of the bitmask ``free``: the expert is allowed and not yet chosen.
+    One load and a shift, where a scan of the choices so far costs ``k`` compares."""
+    return (free[_u(cand >> 6)] >> np.uint64(cand & 63)) & np.uint64(1) != np.uint64(0)
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _allowed(cand, algo, g_lo, g_hi, group_of, group_sel):
-    if algo == 1:
-        return group_sel[_u(group_of[_u(cand)])]
-    return g_lo <= cand < g_hi
+def _take(free, cand):
+    free[_u(cand >> 6)] &= ~(np.uint64(1) << np.uint64(cand & 63))
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
@@ -292,19 +296,26 @@ def _pick_groups_one_by_one(h_seed, t, layer, gmass, ginv, row_g, n_group, topk_
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups, alias_prob, alias_idx, successors, seq_start,
-                     seq_domain, interval, locality, affinity, null_rate, threshold, out):
+def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups, sub_bits, group_bits, alias_prob, alias_idx,
+                     successors, seq_start, seq_domain, interval, locality, affinity, null_rate, threshold, out):
     """``out``: the flat ``[tokens, layers, k]`` trace. ``dims``: experts, layers, domains,
     epochs, k, algorithm code, n_group, topk_group, number of group sets (0: pick groups one
-    at a time), successors per expert. The tables come flat (see ``generate_tokens``)."""
+    at a time), successors per expert. The tables come flat (see ``generate_tokens``);
+    ``sub_bits`` / ``group_bits``: the experts of each group set / group as bitmasks of
+    ``(E + 63) // 64`` words."""
     E, L, D, epochs, k, algo, n_group, topk_group, n_sets, fan = (dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
                                                                   dims[7], dims[8], dims[9])
+    words = (E + 63) // 64
     group_size = E // n_group
     per_group = k // n_group if algo == 2 else 1
-    group_of = np.arange(E) // group_size  # read-only, shared by every sequence
+    every = np.full(words, ~np.uint64(0), dtype=np.uint64)
+    if E % 64:
+        every[words - 1] = (np.uint64(1) << np.uint64(E % 64)) - np.uint64(1)
     for s in numba.prange(seq_start.size - 1):
-        prev = np.full(L * k, -1, dtype=np.int64)  # [layer, slot]: the previous token's choices, then this one's
-        chosen = np.empty(k, dtype=np.int64)
+        # [layer, slot]: the previous token's choices; a slot's entry is overwritten by this
+        # token's choice once made, which is what the next layer's affinity reads
+        prev = np.full(L * k, -1, dtype=np.int64)
+        free = np.empty(words, dtype=np.uint64)  # this (token, layer)'s allowed, not yet chosen experts
         group_sel = np.zeros(n_group, dtype=np.bool_)
         sel_g = np.zeros(n_group, dtype=np.int64)
         sel_before = np.zeros(n_group)
@@ -321,29 +332,37 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                 sel_mass = 0.0
                 n_sel = 0
                 if algo == 1:
-                    for g in range(n_group):
-                        group_sel[g] = False
                     if n_sets > 0:
                         # one alias draw over the sets of chosen groups (see ``group_subsets``)
                         st = _alias_at(_unit(_draw_hash(token_key, layer_key, _GROUP_SLOT, 0)), n_sets, sub_prob, sub_idx, row * n_sets)
                         for q in range(topk_group):
                             g = sub_groups[_u(st * topk_group + q)]
-                            group_sel[_u(g)] = True
                             sel_g[_u(q)] = g
                             sel_before[_u(q)] = sel_mass
                             sel_inv[_u(q)] = ginv[_u(row * n_group + g)]
                             sel_mass += gmass[_u(row * n_group + g)]
+                        for w in range(words):
+                            free[_u(w)] = sub_bits[_u(st * words + w)]
                     else:
+                        for g in range(n_group):
+                            group_sel[g] = False
                         sel_mass = _pick_groups_one_by_one(seed, t, layer, gmass, ginv, row * n_group, n_group, topk_group, group_sel,
                                                            sel_g, sel_before, sel_inv, cum)
+                        for w in range(words):
+                            free[_u(w)] = 0
+                        for q in range(topk_group):
+                            for w in range(words):
+                                free[_u(w)] |= group_bits[_u(sel_g[q] * words + w)]
                     n_sel = topk_group
+                else:
+                    for w in range(words):
+                        free[_u(w)] = every[_u(w)]
                 loc = locality[layer]
                 aff = affinity[layer] if layer > 0 else 0.0
+                succ_row = max(layer - 1, 0) * E
                 here = layer * k
                 above = here - k
                 ob = (t * L + layer) * k
-                for j in range(k):
-                    chosen[_u(j)] = -1
                 mass = 0.0
                 g_fix = 0
                 g_lo = 0
@@ -354,36 +373,41 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                         g_lo = g_fix * group_size
                         g_hi = g_lo + group_size
                     h = _draw_hash(token_key, layer_key, j, _D_TESTS)
-                    pick = -1
+                    # Every candidate of the slot is worked out, then the first that may be taken
+                    # is selected without a branch: the locality and affinity tests and the
+                    # repeat test of the first popularity draw are coin flips, so branches on them
+                    # were mispredicted a large share of the time.
                     # 1. temporal locality
-                    cand = prev[_u(here + j)]
-                    if (cand >= 0 and _field(h, _SHIFT_LOCAL) < loc and _allowed(cand, algo, g_lo, g_hi, group_of, group_sel)
-                            and not _taken(cand, chosen, k)):
-                        pick = cand
-                    # 2. cross-layer affinity
-                    if pick < 0 and aff > 0.0:
-                        up = prev[_u(above + j)]
-                        if up >= 0 and _field(h, _SHIFT_AFFINE) < aff:
-                            cand = np.int64(successors[_u(((layer - 1) * E + up) * fan + int(_succ_field(h) * fan))])
-                            if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, k):
-                                pick = cand
-                    # 3. popularity, the first attempt from the same hash
-                    if pick < 0:
-                        u = _pop_field(h)
-                        for attempt in range(_TRIES):
-                            if attempt > 0:
-                                u = _unit(_draw_hash(token_key, layer_key, j, _D_POP + attempt))
+                    c_loc = prev[_u(here + j)]
+                    ok_loc = (c_loc >= 0) & (_field(h, _SHIFT_LOCAL) < loc) & (c_loc >= g_lo) & (c_loc < g_hi)
+                    ok_loc &= _is_free(free, max(c_loc, 0))
+                    # 2. cross-layer affinity (above this token's choice in the slot one layer up)
+                    up = prev[_u(above + j)] if layer > 0 else -1
+                    c_aff = np.int64(successors[_u((succ_row + max(up, 0)) * fan + ((np.int64(h >> np.uint64(_SHIFT_SUCC)) & 0xFF) * fan >> 8))])
+                    ok_aff = (up >= 0) & (_field(h, _SHIFT_AFFINE) < aff) & (c_aff >= g_lo) & (c_aff < g_hi) & _is_free(free, c_aff)
+                    # 3. popularity, the first attempt from the same hash (inside the allowed experts by construction)
+                    c_pop = _popularity_draw(_pop_field(h), algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g_fix, group_size,
+                                             alias_prob, alias_idx, row_e)
+                    ok_pop = _is_free(free, c_pop)
+                    pick = c_loc if ok_loc else (c_aff if ok_aff else c_pop)
+                    if not (ok_loc | ok_aff | ok_pop):
+                        # the first draw repeats a choice: redraw, then the lowest allowed free expert
+                        pick = -1
+                        for attempt in range(1, _TRIES):
+                            u = _unit(_draw_hash(token_key, layer_key, j, _D_POP + attempt))
                             cand = _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g_fix, group_size, alias_prob,
                                                     alias_idx, row_e)
-                            if not _taken(cand, chosen, k):
+                            if _is_free(free, cand):
                                 pick = cand
                                 break
                         if pick < 0:
-                            for cand in range(E):
-                                if _allowed(cand, algo, g_lo, g_hi, group_of, group_sel) and not _taken(cand, chosen, k):
+                            for cand in range(g_lo, g_hi):
+                                if _is_free(free, cand):
                                     pick = cand
                                     break
-                    chosen[_u(j)] = pick
+                    if pick >= 0:
+                        _take(free, pick)
+                    prev[_u(here + j)] = pick
                     if null_rate > 0.0 and _unit(_draw_hash(token_key, layer_key, j, _D_NULL)) < null_rate:
                         out[_u(ob + j)] = -1
                     else:
@@ -393,9 +417,8 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                         if mass >= threshold:
                             for i in range(j + 1, k):  # the remaining slots stay empty
                                 out[ob + i] = -1
+                                prev[here + i] = -1
                             break
-                for j in range(k):
-                    prev[_u(here + j)] = chosen[_u(j)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,11 +669,15 @@ def generate_tokens(profile: RoutingProfile, tokens: int, seed: int = 0, *, impl
             subsets = (np.zeros(0), np.zeros(0, dtype=np.int32), np.zeros((0, 1), dtype=np.int64))
         sub_prob, sub_idx, members = subsets
         epochs, domains, _, num_experts = tables.cdf.shape
+        group_bits = _expert_bits([range(g * (num_experts // n_group), (g + 1) * (num_experts // n_group)) for g in range(n_group)],
+                                  num_experts)
+        sub_bits = _expert_bits([[e for g in m for e in range(g * (num_experts // n_group), (g + 1) * (num_experts // n_group))]
+                                 for m in members], num_experts) if algo == 1 and members.shape[0] else np.zeros(0, dtype=np.uint64)
         dims = np.array([num_experts, profile.num_layers, domains, epochs, profile.top_k, algo, n_group, profile.topk_group,
                          members.shape[0], tables.successors.shape[2]], dtype=np.int64)
         # ravel: views of the (contiguous) tables, not copies
         _generate_kernel(np.uint64(seed), dims, tables.cdf.ravel(), tables.group_mass.ravel(), _inverse_mass(tables.group_mass).ravel(),
-                         sub_prob.ravel(), sub_idx.ravel(), members.ravel(), tables.alias_prob.ravel(), tables.alias_idx.ravel(),
+                         sub_prob.ravel(), sub_idx.ravel(), members.ravel(), sub_bits.ravel(), group_bits.ravel(), tables.alias_prob.ravel(), tables.alias_idx.ravel(),
                          tables.successors.ravel(), tables.seq_start, tables.seq_domain, profile.drift_interval, tables.locality,
                          tables.affinity, profile.null_rate, profile.dynamic_threshold, ids.reshape(-1))
     else:

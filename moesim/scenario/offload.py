@@ -122,7 +122,7 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
 
     def fresh():
         src = make_source()
-        residency = RESIDENCY[off.residency](M, E, tiers.slots, popularity, scope=off.scope)
+        residency = RESIDENCY[off.residency](M, E, tiers.slots, popularity, scope=off.scope, budget=tiers.budget)
         prefetch = PREFETCH[off.prefetch](layers=M, experts=E, top_k=k, popularity=popularity, top_n=off.top_n,
                                           accuracy=off.accuracy, seed=scn.routing.seed, trace=src.ids,
                                           profile_tokens=off.profile_tokens)

@@ -161,16 +161,17 @@ class Belady(Residency):
 
 class Static(Residency):
     """The most popular experts pinned: ``scope`` ``layer`` (the top ``capacity`` of each layer),
-    ``global`` (the top ``capacity * layers`` (layer, expert) pairs of the model) or ``layers``
+    ``global`` (the top ``budget`` (layer, expert) pairs of the model) or ``layers``
     (whole layers from the last one down, as llama.cpp's ``--n-cpu-moe N`` keeps the experts of
     the first N layers on the CPU)."""
 
     name = "static"
     dynamic = False
 
-    def __init__(self, layers: int, experts: int, capacity: int, popularity: np.ndarray, *, scope: str = "layer", **_):
+    def __init__(self, layers: int, experts: int, capacity: int, popularity: np.ndarray, *, scope: str = "layer",
+                 budget: int | None = None, **_):
         super().__init__(layers, experts, capacity, popularity)
-        budget = capacity * layers
+        budget = capacity * layers if budget is None else budget
         if scope == "layer":
             top = np.argsort(-popularity, axis=1, kind="stable")[:, :capacity]
             np.put_along_axis(self.resident, top, True, axis=1)

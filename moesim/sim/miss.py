@@ -10,6 +10,9 @@ precision, copied as a low-precision copy, or run on the host CPU. Found by name
   by a prefetched full-precision copy.
 - ``cpu``: run the missing expert on the CPU where its weights already are (kTransformers,
   llama.cpp's ``--n-cpu-moe``): the tokens' activations go down, the outputs come back.
+- ``whole_layer``: naive offloading (Hugging Face accelerate's ``device_map``, the baseline of
+  mixtral-offloading): a layer with a missing expert has every expert not in HBM copied, the
+  whole MoE block, used or not.
 - ``hybrid``: Fiddler / HybriMoE: per layer, each missing expert goes where it finishes first,
   the CPU (its compute time) or the GPU (its copy then its compute), filling both queues
   greedily from the expert with the most tokens; a decode step's single tokens usually run on
@@ -26,10 +29,12 @@ class OnMiss:
     name = "wait"
     uses_cpu = False
 
-    def split(self, miss: np.ndarray, cpu_seconds: np.ndarray, gpu_seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(full, low, cpu)`` masks over ``[layers, experts]``. ``cpu_seconds`` and
-        ``gpu_seconds`` are each missing expert's time on the CPU, and its copy plus compute on
-        the GPU."""
+    def split(self, miss: np.ndarray, resident: np.ndarray, cpu_seconds: np.ndarray,
+              gpu_seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(full, low, cpu)`` masks over ``[layers, experts]`` of the experts to copy in full
+        or low precision and to run on the CPU. ``resident``: the experts in HBM;
+        ``cpu_seconds`` and ``gpu_seconds`` are each missing expert's time on the CPU, and its
+        copy plus compute on the GPU."""
         none = np.zeros_like(miss)
         return miss, none, none
 
@@ -37,7 +42,7 @@ class OnMiss:
 class LowPrecision(OnMiss):
     name = "low_precision"
 
-    def split(self, miss, cpu_seconds, gpu_seconds):
+    def split(self, miss, resident, cpu_seconds, gpu_seconds):
         none = np.zeros_like(miss)
         return none, miss, none
 
@@ -46,9 +51,17 @@ class OnCpu(OnMiss):
     name = "cpu"
     uses_cpu = True
 
-    def split(self, miss, cpu_seconds, gpu_seconds):
+    def split(self, miss, resident, cpu_seconds, gpu_seconds):
         none = np.zeros_like(miss)
         return none, none, miss
+
+
+class WholeLayer(OnMiss):
+    name = "whole_layer"
+
+    def split(self, miss, resident, cpu_seconds, gpu_seconds):
+        none = np.zeros_like(miss)
+        return miss.any(axis=1, keepdims=True) & ~resident, none, none
 
 
 @numba.njit(cache=True)
@@ -74,9 +87,9 @@ class Hybrid(OnMiss):
     name = "hybrid"
     uses_cpu = True
 
-    def split(self, miss, cpu_seconds, gpu_seconds):
+    def split(self, miss, resident, cpu_seconds, gpu_seconds):
         on_cpu = _greedy(miss, cpu_seconds, gpu_seconds)
         return miss & ~on_cpu, np.zeros_like(miss), on_cpu
 
 
-ON_MISS = {cls.name: cls for cls in (OnMiss, LowPrecision, OnCpu, Hybrid)}
+ON_MISS = {cls.name: cls for cls in (OnMiss, LowPrecision, OnCpu, WholeLayer, Hybrid)}

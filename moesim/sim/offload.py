@@ -114,7 +114,7 @@ def _timeline(seg, tail, pre_bytes, dem_bytes, on_ssd, gpu_need, gpu_time, share
             g = max(g, when[j]) + gpu_time[m] * part[j]
         if count == 0:
             g = r
-        stall[m] = g - r - (gpu_time[m] if count else 0.0)
+        stall[m] = max(g - r - (gpu_time[m] if count else 0.0), 0.0)
         end = max(g, cpu_done)
         cpu_wait[m] = end - g
         ends[m] = end
@@ -251,22 +251,23 @@ class OffloadStepModel:
         hit, fetched = self.residency.judge(order, predicted, pred_nuse)
         miss = need & ~hit
         on_ssd = tiers.on_ssd
+        resident = self.residency.resident | hit
         copy_s = tiers.expert_bytes / self.link.h2d + np.where(on_ssd, tiers.expert_bytes / self.ssd_rate, 0.0)
         cpu_each = None
         if self.on_miss.uses_cpu:
             cpu_each = cpu_expert_times(self.cpu, counts[..., None], dtype=self.expert_dtype, **self.kw,
                                         ssd_rate=np.where(on_ssd, self.ssd_rate, np.inf)[..., None])
-            full, low, on_cpu = self.on_miss.split(miss, cpu_each, copy_s + self.gpu_expert_bytes_s)
+            full, low, on_cpu = self.on_miss.split(miss, resident, cpu_each, copy_s + self.gpu_expert_bytes_s)
         else:
-            full, low, on_cpu = self.on_miss.split(miss, np.zeros(miss.shape), copy_s)
-        self.residency.touch(order, (full | low) if self.residency.dynamic else np.zeros_like(miss), next_use)
+            full, low, on_cpu = self.on_miss.split(miss, resident, np.zeros(miss.shape), copy_s)
+        self.residency.touch(order, (full | low) & need if self.residency.dynamic else np.zeros_like(miss), next_use)
         resident = self.residency.resident
         # which slots now hold low-precision copies: the low copies placed, not what a
         # prefetch or a full copy replaced, nothing evicted
         self.low = (self.low & ~fetched & ~full | low) & resident
         # GPU work: hits (at the precision the slot holds), and the copied misses
         low_compute = low | (hit & was_low & ~fetched)
-        gpu = hit | full | low
+        gpu = (hit | full | low) & need
         tokens = max(int(load.tokens.sum()), 1)
         full_rows = np.where(gpu & ~low_compute, counts, 0)
         gpu_time = self._experts(full_rows, self.expert_dtype, tokens)

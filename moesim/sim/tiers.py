@@ -33,7 +33,8 @@ class TierPlan:
     hbm: dict[str, float]
     host: dict[str, float]
     ssd: dict[str, float]
-    slots: int  # expert slots per MoE layer in HBM
+    slots: int  # expert slots per MoE layer in HBM (caches, static per layer)
+    budget: int  # experts in HBM in all (static over the whole model or whole layers)
     expert_bytes: float  # one expert, full precision (the scenario's expert dtype)
     low_bytes: float  # one expert's low-precision copy (0 when none is kept)
     on_ssd: np.ndarray  # [moe layers, experts] True where the expert's home copy is on the SSD
@@ -41,7 +42,7 @@ class TierPlan:
 
     def to_dict(self) -> dict:
         return {"hbm_bytes": self.hbm, "host_bytes": self.host, "ssd_bytes": self.ssd, "slots_per_layer": self.slots,
-                "expert_bytes": self.expert_bytes, "low_precision_expert_bytes": self.low_bytes,
+                "experts_in_hbm": self.budget, "expert_bytes": self.expert_bytes, "low_precision_expert_bytes": self.low_bytes,
                 "experts_on_ssd": int(self.on_ssd.sum()), "kv_blocks": self.kv_blocks}
 
 
@@ -71,29 +72,32 @@ def plan_tiers(arch: ModelArch, *, dtype: str, expert_dtype: str, kv_dtype: str,
         raise InputError(f"the non-expert weights ({non_expert / GIB:.1f} GiB), staging buffers, activations and reserve "
                          f"leave no HBM for the KV cache of the longest request in {memory_fraction:.0%} of "
                          f"{hbm_capacity / GIB:.1f} GiB", source=source, field="dtypes.weights")
-    fits = int((room - kv_needed) // (one * layers))
-    if slots is None and cache_memory is not None:
-        slots = int(cache_memory // (one * layers))
-        if cache_memory > room - kv_needed:
-            raise InputError(f"an expert cache of {cache_memory / GIB:.2f} GiB does not fit: HBM has "
-                             f"{(room - kv_needed) / GIB:.2f} GiB after the non-expert weights, buffers, activations, "
-                             f"reserve and the longest request's KV cache", source=source, field="offload.cache_memory")
+    total = moe.num_experts * layers
+    free = room - kv_needed
+    if cache_memory is not None and slots is None:
+        if cache_memory > free:
+            raise InputError(f"an expert cache of {cache_memory / GIB:.2f} GiB does not fit: HBM has {free / GIB:.2f} GiB "
+                             f"after the non-expert weights, buffers, activations, reserve and the longest request's KV "
+                             f"cache", source=source, field="offload.cache_memory")
+        budget = min(int(cache_memory // one), total)
     elif slots is None:
-        slots = min(fits, moe.num_experts)
-    if slots > moe.num_experts:
-        raise InputError(f"{slots} expert slots per layer; a layer has {moe.num_experts} experts", source=source,
-                         field="offload.cache_experts")
-    cache = slots * layers * one
-    if slots > fits:
-        raise InputError(f"{slots} experts per layer x {layers} layers ({cache / GIB:.2f} GiB) do not fit: HBM has "
-                         f"{(room - kv_needed) / GIB:.2f} GiB after the non-expert weights, buffers, activations, reserve "
-                         f"and the longest request's KV cache (at most {fits} per layer)", source=source,
-                         field="offload.cache_experts")
+        budget = min(int(free // one), total)
+    else:
+        if slots > moe.num_experts:
+            raise InputError(f"{slots} expert slots per layer; a layer has {moe.num_experts} experts", source=source,
+                             field="offload.cache_experts")
+        budget = slots * layers
+        if budget * one > free:
+            raise InputError(f"{slots} experts per layer x {layers} layers ({budget * one / GIB:.2f} GiB) do not fit: HBM "
+                             f"has {free / GIB:.2f} GiB after the non-expert weights, buffers, activations, reserve and "
+                             f"the longest request's KV cache (at most {int(free // (one * layers))} per layer)",
+                             source=source, field="offload.cache_experts")
+    slots = min(budget // layers, moe.num_experts)
+    cache = budget * one
     kv_room = room - cache
     blocks = int(kv_room // (kv_token * block_size)) if kv_token > 0 else 0
     # Host DRAM: every expert's home copy, most popular first, and the low-precision copies; the
     # rest goes to the SSD.
-    total = moe.num_experts * layers
     per_expert_host = one + low
     in_dram = int(min(total, host_capacity // per_expert_host)) if per_expert_host else total
     order = np.argsort(-popularity.ravel(), kind="stable")
@@ -109,4 +113,4 @@ def plan_tiers(arch: ModelArch, *, dtype: str, expert_dtype: str, kv_dtype: str,
            "activations": activations, "reserved": reserve, "kv_cache": blocks * block_size * kv_token}
     host = {"capacity": host_capacity, "experts": (total - spilled) * one, "low_precision_experts": (total - spilled) * low}
     ssd = {"capacity": ssd_capacity, "experts": spilled * per_expert_host}
-    return TierPlan(hbm, host, ssd, slots, one, low, on_ssd, blocks)
+    return TierPlan(hbm, host, ssd, slots, budget, one, low, on_ssd, blocks)
