@@ -77,10 +77,8 @@ def _judge(resident, order, predicted, capacity, mode, last, freq, nuse, fut, cl
     fetched = np.zeros((M, E), dtype=np.bool_)
     keep = np.zeros(E, dtype=np.bool_)
     for m in range(M):
-        keep[:] = False
         for e in range(E):
-            if predicted[m, e] and not resident[m, e]:
-                keep[e] = True
+            keep[e] = predicted[m, e]  # one prefetched expert must not push out another
         for e in range(E):
             if predicted[m, e] and not resident[m, e]:
                 # a prefetched expert has not been used yet: it counts as recent, with its next

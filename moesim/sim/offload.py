@@ -260,7 +260,9 @@ class OffloadStepModel:
             full, low, on_cpu = self.on_miss.split(miss, resident, cpu_each, copy_s + self.gpu_expert_bytes_s)
         else:
             full, low, on_cpu = self.on_miss.split(miss, resident, np.zeros(miss.shape), copy_s)
-        self.residency.touch(order, (full | low) & need if self.residency.dynamic else np.zeros_like(miss), next_use)
+        # every expert the GPU computes keeps (or retakes) a slot: a hit that an earlier miss of
+        # the same step evicted is back once used, as in the stack pass
+        self.residency.touch(order, (hit | full | low) & need if self.residency.dynamic else np.zeros_like(miss), next_use)
         resident = self.residency.resident
         # which slots now hold low-precision copies: the low copies placed, not what a
         # prefetch or a full copy replaced, nothing evicted
