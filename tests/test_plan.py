@@ -6,7 +6,7 @@ import pytest
 
 from moesim.errors import InputError
 from moesim.plan.eplb import rebalance_experts
-from moesim.plan.placement import PlacementPlan, PlacementProblem, _planners, evaluate, gpu_loads
+from moesim.plan.placement import PlacementPlan, PlacementProblem, planners, evaluate, gpu_loads
 from moesim.routing.generate import generate_tokens
 from moesim.routing.profile import RoutingProfile
 
@@ -38,7 +38,7 @@ def problem():
 
 @pytest.mark.parametrize("name", ["greedy", "eplb", "eplb_hierarchical", "eplb_global", "ilp"])
 def test_every_planner_places_every_expert_and_splits_its_tokens(problem, name):
-    plan = _planners()[name]().plan(problem)
+    plan = planners()[name]().plan(problem)
     assert plan.phy2log.shape == (2, 40)
     for layer in range(2):
         assert set(plan.phy2log[layer]) == set(range(32))
@@ -48,9 +48,9 @@ def test_every_planner_places_every_expert_and_splits_its_tokens(problem, name):
 
 
 def test_milp_is_as_balanced_as_eplb_with_less_inter_node_traffic(problem):
-    planners = _planners()
-    eplb = [evaluate(problem, planners[name]().plan(problem)) for name in ("eplb_hierarchical", "eplb_global")]
-    plan = planners["ilp"]().plan(problem)
+    registry = planners()
+    eplb = [evaluate(problem, registry[name]().plan(problem)) for name in ("eplb_hierarchical", "eplb_global")]
+    plan = registry["ilp"]().plan(problem)
     ilp = evaluate(problem, plan)
     assert ilp["worst_imbalance"] <= min(e["worst_imbalance"] for e in eplb) + 1e-9
     assert ilp["inter_node_bytes_per_token"] < min(e["inter_node_bytes_per_token"] for e in eplb)
@@ -58,7 +58,7 @@ def test_milp_is_as_balanced_as_eplb_with_less_inter_node_traffic(problem):
 
 
 def test_no_migration_from_itself(problem):
-    plan = _planners()["eplb_global"]().plan(problem)
+    plan = planners()["eplb_global"]().plan(problem)
     same = PlacementProblem(problem.loads, gpus=8, nodes=2, slots=40, current=plan.phy2log, expert_bytes=1e6)
     assert evaluate(same, PlacementPlan("x", plan.phy2log, plan.weight))["migrated_bytes"] == 0.0
     other = PlacementProblem(problem.loads, gpus=8, nodes=2, slots=40, current=np.tile(np.arange(40) % 32, (2, 1)),
@@ -81,4 +81,4 @@ def test_impossible_problems_name_the_constraint(kwargs, field):
 
 def test_contiguous_refuses_redundant_slots(problem):
     with pytest.raises(InputError, match="no redundant experts"):
-        _planners()["contiguous"]().plan(problem)
+        planners()["contiguous"]().plan(problem)

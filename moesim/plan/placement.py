@@ -247,7 +247,8 @@ def evaluate(problem: PlacementProblem, plan: PlacementPlan) -> dict:
             "inter_node_bytes_per_token": traffic, "migrated_bytes": migrated_bytes(problem, plan.phy2log)}
 
 
-def _planners() -> dict:
+def planners() -> dict:
+    """Every placement planner by name."""
     from moesim.plan.ilp import Ilp  # the MILP module builds on this one's problem and plan types
 
     return {cls.name: cls for cls in (Contiguous, RoundRobin, Greedy, Eplb, EplbHierarchical, EplbGlobal, Ilp)}
