@@ -103,3 +103,19 @@ def latency_cdf(latencies: dict[str, np.ndarray], path: str | Path, *, title: st
         ax.grid(alpha=0.3)
     fig.suptitle(f"latency CDF {title}".strip())
     return _save(fig, Path(path))
+
+
+def cache_sweep(series: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, title: str = "",
+                xlabel: str = "HBM for the expert cache (GiB)", ylabel: str = "decode tokens/s") -> Path:
+    """One line per policy: ``series[name] = (x, y)``."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, Path(path))

@@ -67,7 +67,8 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
     low_dtype = None
     if off.on_miss == "low_precision":
         try:
-            low_dtype = canonical_dtype(off.low_precision_dtype)
+            canonical_dtype(off.low_precision_dtype)
+            low_dtype = off.low_precision_dtype.lower()  # a kernel variant (int2_hqq) keeps its name
         except MoesimError as exc:
             raise InputError(exc.message, source=source, field="offload.low_precision_dtype") from None
     graph = topology(cluster)

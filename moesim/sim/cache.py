@@ -44,9 +44,12 @@ def _victim(res, mode, last, freq, nuse, fut):
 @numba.njit(cache=True)
 def _insert(resident, x, capacity, mode, last, freq, nuse, fut, keep):
     """Put ``x`` in the layer's slots, evicting the lowest-priority expert that ``keep`` does not
-    protect when all ``capacity`` slots are taken. Returns the evicted expert or -1."""
-    if resident[x] or capacity <= 0:
+    protect when all ``capacity`` slots are taken. Returns the evicted expert, -1 when nothing
+    was evicted, -2 when there was no slot to take."""
+    if resident[x]:
         return -1
+    if capacity <= 0:
+        return -2
     count = 0
     for e in range(resident.size):
         if resident[e]:
