@@ -109,8 +109,9 @@ def cache_sweep(series: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Pa
                 xlabel: str = "HBM for the expert cache (GiB)", ylabel: str = "decode tokens/s") -> Path:
     """One line per policy: ``series[name] = (x, y)``."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for name, (x, y) in series.items():
-        ax.plot(x, y, marker="o", markersize=3, label=name)
+    for i, (name, (x, y)) in enumerate(series.items()):
+        # the colour cycle has ten colours: later lines are dashed so none is mistaken for another
+        ax.plot(x, y, marker="o", markersize=3, label=name, linestyle="-" if i < 10 else "--")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
