@@ -144,6 +144,13 @@ def test_whole_layer_copies_every_missing_expert_of_the_layer(tmp_path):
     assert o["demand_copies"]["full_precision"] == steps * 16 * 8  # 16 offloaded layers x 8 experts, every step
 
 
+def test_layer_overhead_adds_to_every_moe_layer(tmp_path):
+    # every expert in HBM: no copies to overlap, so each decode step is 32 layers x 5 ms longer
+    base = _run(tmp_path, {"residency": "static", "cache_experts": 8})[1]
+    slow = _run(tmp_path, {"residency": "static", "cache_experts": 8, "layer_overhead": "5 ms"})[1]
+    assert slow["latency_s"]["tpot"]["mean"] - base["latency_s"]["tpot"]["mean"] == pytest.approx(32 * 5e-3, rel=1e-9)
+
+
 def test_pageable_host_memory_is_slower_than_pinned(tmp_path):
     pinned = _run(tmp_path, {"host_memory": "pinned"})[1]
     pageable = _run(tmp_path, {"host_memory": "pageable"})[1]

@@ -130,7 +130,7 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
         future = FutureUses(src.ids, begin, end, E) if off.residency == "belady" else None
         model = OffloadStepModel(base, tiers=tiers, residency=residency, prefetch=prefetch, on_miss=ON_MISS[off.on_miss](),
                                  link=link, ssd=ssd, cpu=cpu, expert_dtype=expert_dtype, low_dtype=low_dtype, routing=src,
-                                 future=future)
+                                 future=future, layer_overhead=off.layer_overhead)
         return model, src
 
     hbm = tiers.hbm

@@ -16,7 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from moesim.errors import InputError, UnknownNameError, from_validation
 from moesim.files import data_dir, load_yaml
-from moesim.units import bytes_
+from moesim.units import bytes_, seconds
 from moesim.sim.workload import Requests, arrival_times, draw_lengths, read_arrival_trace
 
 
@@ -156,6 +156,9 @@ class Offload(_Strict):
     cpu_sockets: int | None = Field(None, ge=1, description="CPU sockets running experts (default: all of the node)")
     reserve: Annotated[float, BeforeValidator(bytes_)] = Field(
         2**30, ge=0, description="HBM the framework keeps (CUDA context, allocator slack), bytes")
+    layer_overhead: Annotated[float, BeforeValidator(seconds)] = Field(
+        0.0, ge=0, description="host-side time per MoE layer per step outside the kernels (an eager framework's "
+                               "Python and launches; 0 for engines that launch back to back), e.g. '5 ms'")
 
 
 class Outputs(_Strict):

@@ -176,11 +176,12 @@ class OffloadStepModel:
 
     def __init__(self, base: StepModel, *, tiers: TierPlan, residency: Residency, prefetch: Prefetch, on_miss: OnMiss,
                  link: HostLink, ssd: tuple[float, float] | None, cpu, expert_dtype: str, low_dtype: str | None,
-                 routing, future: FutureUses | None):
+                 routing, future: FutureUses | None, layer_overhead: float = 0.0):
         self.base, self.tiers, self.residency, self.prefetch, self.on_miss = base, tiers, residency, prefetch, on_miss
         self.link, self.cpu, self.expert_dtype, self.low_dtype = link, cpu, expert_dtype, low_dtype
         self.ssd_rate, self.ssd_latency = ssd if ssd else (1.0, 0.0)
         self.routing, self.future = routing, future
+        self.layer_overhead = layer_overhead  # s of host-side work before each MoE layer's experts
         arch = base.arch
         moe = arch.moe
         self.M, self.E, self.k = len(arch.moe_layers), moe.num_experts, moe.top_k
@@ -241,7 +242,7 @@ class OffloadStepModel:
     def cost(self, load: StepLoad, *, detail: bool = False) -> StepCost:
         base, tiers, c = self.base, self.tiers, self.counters
         ph = base._phases(load)
-        seg = base._segments(ph, False).max(axis=1)
+        seg = base._segments(ph, False).max(axis=1) + self.layer_overhead
         tail = float(base._tail(ph).max())
         step, order = self._routing(load)
         counts, need = step.counts, step.need
