@@ -43,7 +43,7 @@ from moesim.sim.tiers import TierPlan
 @numba.njit(cache=True)
 def _copy(at, nbytes, from_ssd, state, h2d_rate, latency, ssd_rate, ssd_latency):
     """Queue one copy issued at ``at`` on the H2D engine (``state[0]`` its free time; ``state[1]``
-    the SSD's). Returns its arrival time."""
+    the SSD's). Returns its start and arrival times on the engine."""
     if from_ssd:
         s0 = max(state[1], at)
         read_done = s0 + ssd_latency + nbytes / ssd_rate
@@ -54,33 +54,36 @@ def _copy(at, nbytes, from_ssd, state, h2d_rate, latency, ssd_rate, ssd_latency)
         start = max(state[0], at)
         end = start + latency + nbytes / h2d_rate
     state[0] = end
-    return end
+    return start, end
 
 
 @numba.njit(cache=True)
 def _timeline(seg, tail, pre_bytes, dem_bytes, on_ssd, gpu_need, gpu_time, share, cpu_time, cpu_rounds, act_bytes,
-              h2d_rate, d2h_rate, duplex, latency, ssd_rate, ssd_latency, state, stall, cpu_wait, starts, ends):
+              h2d_rate, d2h_rate, duplex, latency, ssd_rate, ssd_latency, state, stall, cpu_wait, starts, ends, copy_start,
+              arrival):
     """The step's layers in time (see the module docstring). ``state`` = [H2D free, SSD free]
     relative to the step start, updated in place; per-layer ``stall`` (GPU waiting for expert
-    weights) and ``cpu_wait`` (GPU done, CPU not) are written. Returns the step's seconds."""
+    weights) and ``cpu_wait`` (GPU done, CPU not), and per expert the ``copy_start`` and
+    ``arrival`` of its copy (0 when none) are written. Returns the step's seconds."""
     M, E = gpu_need.shape
-    arrival = np.zeros((M, E))
     t = 0.0
     for e in range(E):
         if pre_bytes[0, e] > 0:
-            arrival[0, e] = _copy(0.0, pre_bytes[0, e], on_ssd[0, e], state, h2d_rate, latency, ssd_rate, ssd_latency)
+            copy_start[0, e], arrival[0, e] = _copy(0.0, pre_bytes[0, e], on_ssd[0, e], state, h2d_rate, latency, ssd_rate,
+                                                    ssd_latency)
     for m in range(M):
         t += seg[m]
         r = t
         starts[m] = r
         for e in range(E):
             if dem_bytes[m, e] > 0:
-                arrival[m, e] = _copy(r, dem_bytes[m, e], on_ssd[m, e], state, h2d_rate, latency, ssd_rate, ssd_latency)
+                copy_start[m, e], arrival[m, e] = _copy(r, dem_bytes[m, e], on_ssd[m, e], state, h2d_rate, latency, ssd_rate,
+                                                        ssd_latency)
         if m + 1 < M:
             for e in range(E):
                 if pre_bytes[m + 1, e] > 0:
-                    arrival[m + 1, e] = _copy(r, pre_bytes[m + 1, e], on_ssd[m + 1, e], state, h2d_rate, latency, ssd_rate,
-                                              ssd_latency)
+                    copy_start[m + 1, e], arrival[m + 1, e] = _copy(r, pre_bytes[m + 1, e], on_ssd[m + 1, e], state,
+                                                                    h2d_rate, latency, ssd_rate, ssd_latency)
         cpu_done = r
         if cpu_time[m] > 0:
             # activations down while the H2D engine may still be copying: the directions contend
@@ -287,10 +290,10 @@ class OffloadStepModel:
         pre_bytes = np.where(fetched, tiers.expert_bytes, 0.0)
         dem_bytes = np.where(full, tiers.expert_bytes, 0.0) + np.where(low, tiers.low_bytes, 0.0)
         stall, cpu_wait, starts, ends = (np.zeros(self.M) for _ in range(4))
-        carry = self.state.copy()
+        copy_start, arrival = np.zeros((self.M, self.E)), np.zeros((self.M, self.E))
         duration = _timeline(seg, tail, pre_bytes, dem_bytes, on_ssd, gpu, gpu_time, share, cpu_time, rounds, act,
                              self.link.h2d, self.link.d2h, self.link.duplex, self.link.latency, self.ssd_rate,
-                             self.ssd_latency, self.state, stall, cpu_wait, starts, ends)
+                             self.ssd_latency, self.state, stall, cpu_wait, starts, ends, copy_start, arrival)
         h2d_busy = (pre_bytes.sum() + dem_bytes.sum() + act.sum()) / self.link.h2d
         self.state = np.maximum(self.state - duration, 0.0)
         self.clock += 1
@@ -319,7 +322,7 @@ class OffloadStepModel:
                                + np.where(on_ssd & on_cpu, tiers.expert_bytes, 0.0).sum())
         b["host_dram_read_by_cpu"] += float(np.where(on_cpu & ~on_ssd, tiers.expert_bytes, 0.0).sum())
         attention = np.full(len(base.devices), float((ph["A"].sum() + ph["S"].sum() + ph["head"].sum())))
-        spans = self._spans(seg, starts, ends, stall, gpu_time, cpu_time, h2d_busy, tail, duration) if detail else []
+        spans = self._spans(seg, starts, stall, gpu_time, cpu_time, copy_start, arrival, tail, duration) if detail else []
         return StepCost(duration, attention, np.full(len(base.devices), float(gpu_time.sum())),
                         np.full(len(base.devices), float(h2d_busy)), int(counts.sum()), 0,
                         np.array([float(counts.sum())]), spans)
@@ -333,16 +336,21 @@ class OffloadStepModel:
                                **self.kw)
         return np.where(busy, seconds, 0.0)
 
-    def _spans(self, seg, starts, ends, stall, gpu_time, cpu_time, h2d_busy, tail, duration) -> list:
+    def _spans(self, seg, starts, stall, gpu_time, cpu_time, copy_start, arrival, tail, duration) -> list:
         out = []
         for m in range(self.M):
-            out.append((0, "compute", "attention", starts[m] - seg[m], starts[m]))
+            begin = starts[m] - seg[m]
+            if self.layer_overhead:
+                out.append((0, "compute", "host overhead", begin, begin + self.layer_overhead))
+            out.append((0, "compute", "attention", begin + self.layer_overhead, starts[m]))
             if stall[m] > 0:
-                out.append((0, "comm", "waiting for experts", starts[m], starts[m] + stall[m]))
+                out.append((0, "compute", "waiting for experts", starts[m], starts[m] + stall[m]))
             if gpu_time[m] > 0:
                 out.append((0, "compute", "experts", starts[m] + stall[m], starts[m] + stall[m] + gpu_time[m]))
             if cpu_time[m] > 0:
                 out.append((0, "host", "cpu experts", starts[m], starts[m] + cpu_time[m]))
+        for m, e in zip(*np.nonzero(arrival > 0)):
+            out.append((0, "comm", f"copy layer {m} expert {e}", copy_start[m, e], arrival[m, e]))
         out.append((0, "compute", "attention+head", duration - tail, duration))
         return out
 
