@@ -110,8 +110,10 @@ def cpu_expert_times(cpu: Cpu, rows: np.ndarray, *, hidden: int, inter: int, dty
     # has one, else at bf16 / fp32.
     compute_dtype = name if name in ("bf16", "fp16", "fp32", "int8", "fp8") else "int8"
     eff = cpu.efficiency
+    # the profile's MoE-kernel efficiencies, as the GPU's grouped GEMMs read theirs
     cost = kernel(cpu, "cpu_expert", flops, np.where(rows > 0, wbytes + act, 0.0), compute_dtype,
-                  memory_efficiency=eff.moe_memory_for(dtype, name))
+                  compute_efficiency=eff.moe_compute_for(dtype.lower(), name),
+                  memory_efficiency=eff.moe_memory_for(dtype.lower(), name))
     seconds = np.where(rows > 0, cost.time, 0.0)
     if ssd_rate is not None:
         seconds = np.where(rows > 0, np.maximum(seconds, wbytes / np.asarray(ssd_rate, dtype=np.float64)), 0.0)
