@@ -197,7 +197,8 @@ class OffloadStepModel:
             *(np.zeros(M, dtype=np.int64) for _ in range(7)), np.zeros(M), np.zeros(M),
             bytes={"pcie_h2d_expert_weights": 0.0, "pcie_h2d_low_precision_weights": 0.0, "pcie_d2h_activations": 0.0,
                    "pcie_h2d_activations": 0.0, "ssd_read": 0.0, "host_dram_read_by_cpu": 0.0})
-        # a layer's GPU expert seconds if every expert ran there, to rank misses (hybrid policy)
+        # one expert's GPU seconds when its weights stream from HBM: the hybrid policy weighs a
+        # copy plus this against the CPU's time
         self.gpu_expert_bytes_s = tiers.expert_bytes / (base.device.memory.bandwidth * base.device.efficiency.memory)
 
     def __getattr__(self, name):
@@ -243,7 +244,7 @@ class OffloadStepModel:
 
     # -- the step -------------------------------------------------------------------------------
     def cost(self, load: StepLoad, *, detail: bool = False) -> StepCost:
-        base, tiers, c = self.base, self.tiers, self.counters
+        base, tiers = self.base, self.tiers
         ph = base._phases(load)
         seg = base._segments(ph, False).max(axis=1) + self.layer_overhead
         tail = float(base._tail(ph).max())
@@ -298,7 +299,17 @@ class OffloadStepModel:
         self.state = np.maximum(self.state - duration, 0.0)
         self.clock += 1
         self.prefetch.observe(step)
-        # counters
+        self._record(need, hit, fetched, full, low, on_cpu, stall, cpu_wait, cpu_time, gpu_time, h2d_busy, pre_bytes, act)
+        attention = np.full(len(base.devices), float((ph["A"].sum() + ph["S"].sum() + ph["head"].sum())))
+        spans = self._spans(seg, starts, stall, gpu_time, cpu_time, copy_start, arrival, tail, duration) if detail else []
+        return StepCost(duration, attention, np.full(len(base.devices), float(gpu_time.sum())),
+                        np.full(len(base.devices), float(h2d_busy)), int(counts.sum()), 0,
+                        np.array([float(counts.sum())]), spans)
+
+    def _record(self, need, hit, fetched, full, low, on_cpu, stall, cpu_wait, cpu_time, gpu_time, h2d_busy, pre_bytes,
+                act) -> None:
+        """Add one step to the run's counters."""
+        c, tiers, on_ssd = self.counters, self.tiers, self.tiers.on_ssd
         c.steps += 1
         c.accesses += need.sum(axis=1)
         c.hits += hit.sum(axis=1)
@@ -321,11 +332,6 @@ class OffloadStepModel:
                                + np.where(on_ssd & low, tiers.low_bytes, 0.0).sum()
                                + np.where(on_ssd & on_cpu, tiers.expert_bytes, 0.0).sum())
         b["host_dram_read_by_cpu"] += float(np.where(on_cpu & ~on_ssd, tiers.expert_bytes, 0.0).sum())
-        attention = np.full(len(base.devices), float((ph["A"].sum() + ph["S"].sum() + ph["head"].sum())))
-        spans = self._spans(seg, starts, stall, gpu_time, cpu_time, copy_start, arrival, tail, duration) if detail else []
-        return StepCost(duration, attention, np.full(len(base.devices), float(gpu_time.sum())),
-                        np.full(len(base.devices), float(h2d_busy)), int(counts.sum()), 0,
-                        np.array([float(counts.sum())]), spans)
 
     def _experts(self, rows: np.ndarray, dtype: str, tokens: int) -> np.ndarray:
         """Per-layer GPU seconds of the experts in ``rows`` ``[layers, experts]``."""
