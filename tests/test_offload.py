@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from moesim.cli import main
-from moesim.cost.offload import cpu_expert_times, expert_bytes, host_cpu, host_link, two_flows
+from moesim.cost.offload import (
+    cpu_expert_times,
+    expert_bytes,
+    host_cpu,
+    host_link,
+    two_flows,
+)
 from moesim.hardware import catalog
 from moesim.routing.stats import hit_rate_curve
 from moesim.routing.trace import Trace, save_trace
@@ -116,7 +122,7 @@ def test_low_precision_misses_move_fewer_bytes(tmp_path):
 
 
 def test_all_experts_on_the_cpu(tmp_path):
-    sim, m = _run(tmp_path, {"residency": "static", "cache_experts": 0, "on_miss": "cpu"})
+    _, m = _run(tmp_path, {"residency": "static", "cache_experts": 0, "on_miss": "cpu"})
     o = m["offload"]
     assert o["hit_rate"] == 0.0 and o["cpu_experts"] == o["accesses"]
     assert o["bytes_moved"]["host_dram_read_by_cpu"] == pytest.approx(o["accesses"] * o["tiers"]["expert_bytes"])

@@ -49,7 +49,7 @@ def main() -> None:
     series, rows = {}, ["policy,slots_per_layer,cache_gib,decode_tokens_per_s,hit_rate"]
     for name, policy in POLICIES.items():
         xs, ys = [], []
-        for slots in range(0, 9):
+        for slots in range(9):
             raw = scn.model_dump()
             # an engine whose kernels run back to back: the scenario's fitted eager-framework overhead
             # is mixtral-offloading's, not the other systems'

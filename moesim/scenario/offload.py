@@ -33,7 +33,7 @@ from moesim.sim.workload import Requests
 
 def _popularity(ids: np.ndarray, experts: int) -> np.ndarray:
     """``[layers, experts]`` uses of each expert in the trace (offline profiling)."""
-    tokens, layers, k = ids.shape
+    layers = ids.shape[1]
     layer = np.broadcast_to(np.arange(layers)[None, :, None], ids.shape)
     ok = ids >= 0
     return np.bincount(layer[ok] * experts + ids[ok], minlength=layers * experts).reshape(layers, experts).astype(np.float64)
@@ -41,7 +41,11 @@ def _popularity(ids: np.ndarray, experts: int) -> np.ndarray:
 
 def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, expert_dtype: str, kv_dtype: str,
                     requests: int | None):
-    from moesim.scenario.build import Simulation, _layout, _profile  # build imports this module lazily
+    from moesim.scenario.build import (  # build imports this module lazily
+        Simulation,
+        _layout,
+        _profile,
+    )
 
     source = str(path)
     off = scn.offload

@@ -132,7 +132,7 @@ class FutureUses:
     will compute)."""
 
     def __init__(self, ids: np.ndarray, begin: np.ndarray, end: np.ndarray, experts: int):
-        rows, layers, k = ids.shape
+        rows = ids.shape[0]
         self.rows, self.experts, self.begin, self.end = rows, experts, begin, end
         r, m, _ = np.nonzero(ids >= 0)
         e = ids[ids >= 0].astype(np.int64)
@@ -188,7 +188,7 @@ class OffloadStepModel:
         arch = base.arch
         moe = arch.moe
         self.M, self.E, self.k = len(arch.moe_layers), moe.num_experts, moe.top_k
-        self.kw = dict(hidden=arch.hidden, inter=moe.expert_inter, gated=moe.gated)
+        self.kw = {"hidden": arch.hidden, "inter": moe.expert_inter, "gated": moe.gated}
         self.low = np.zeros((self.M, self.E), dtype=bool)  # slots holding a low-precision copy
         self.state = np.zeros(2)  # H2D engine and SSD free times relative to the next step's start
         self.clock = 0  # steps run: the time unit of Belady's next uses
@@ -300,7 +300,7 @@ class OffloadStepModel:
         self.clock += 1
         self.prefetch.observe(step)
         self._record(need, hit, fetched, full, low, on_cpu, stall, cpu_wait, cpu_time, gpu_time, h2d_busy, pre_bytes, act)
-        attention = np.full(len(base.devices), float((ph["A"].sum() + ph["S"].sum() + ph["head"].sum())))
+        attention = np.full(len(base.devices), float(ph["A"].sum() + ph["S"].sum() + ph["head"].sum()))
         spans = self._spans(seg, starts, stall, gpu_time, cpu_time, copy_start, arrival, tail, duration) if detail else []
         return StepCost(duration, attention, np.full(len(base.devices), float(gpu_time.sum())),
                         np.full(len(base.devices), float(h2d_busy)), int(counts.sum()), 0,
