@@ -185,6 +185,8 @@ def test_experts_spill_to_the_ssd_when_dram_is_short(tmp_path):
     ({"cache_experts": None, "cache_memory": "200 GiB"}, "offload.cache_memory"),
     ({"on_miss": "cpu", "prefetch": "none"}, "offload.on_miss"),
     ({"low_precision_dtype": "int7", "on_miss": "low_precision"}, "offload.low_precision_dtype"),
+    ({"scope": "model"}, "offload.scope"),
+    ({"cpu_sockets": 3}, "offload.cpu_sockets"),
 ])
 def test_bad_offload_settings_exit_2_naming_the_field(tmp_path, capsys, offload, field):
     scn_path = tmp_path / "bad.yaml"
