@@ -42,7 +42,7 @@ def _moe_device(device, dtype: str) -> _MoeDevice:
     eff = device.efficiency
     variant = dtype.lower()
     canon = canonical_dtype(variant)
-    act = "bf16" if canon in ("int4", "fp4") else canon
+    act = "bf16" if canon in ("int4", "fp4", "int3", "int2") else canon  # weight-only formats compute in bf16
     stream = device.memory.bandwidth * eff.memory
     return _MoeDevice(
         float(device.launch_overhead), float(eff.roofline_p), float(eff.memory_latency), float(stream),
