@@ -66,7 +66,7 @@ class Ilp:
     def plan(self, problem: PlacementProblem) -> PlacementPlan:
         start = time.perf_counter()
         warm = _best_eplb(problem)
-        E, L, N = problem.experts, problem.layers, problem.nodes
+        L, N = problem.layers, problem.nodes
         gpn, per = problem.gpus // N, problem.slots_per_gpu
         node = node_of_slot(problem)
         phy2log = np.empty_like(warm.phy2log)
@@ -135,7 +135,7 @@ class Ilp:
         lower = np.zeros(ncol)
         upper = np.concatenate([np.full(EN, float(gpn)), np.ones(EN), np.repeat(load, N), [cap], np.ones(P * N)])
         rows = _Rows()
-        e_of, n_of = np.repeat(np.arange(E), N), np.tile(np.arange(N), E)
+        e_of = np.repeat(np.arange(E), N)
         cell = np.arange(EN)
         for e in range(E):  # every expert placed; its tokens all served
             rows.add(ia + e * N + np.arange(N), np.ones(N), 1.0, np.inf)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 
 from moesim.cost.estimate import FRAMEWORK_RESERVE, Workload, default_dtypes, memory_per_device
 from moesim.cost.layout import Layout, make_layout
