@@ -162,15 +162,6 @@ def group_subsets(n_group: int, topk_group: int, group_mass: np.ndarray):
     return prob.reshape(shape), idx.reshape(shape), members
 
 
-def _expert_bits(sets, num_experts: int) -> np.ndarray:
-    """``[len(sets), (num_experts + 63) // 64]``: each set of experts as a bitmask."""
-    bits = np.zeros((len(sets), (num_experts + 63) // 64), dtype=np.uint64)
-    for r, experts in enumerate(sets):
-        for e in experts:
-            bits[r, e // 64] |= np.uint64(1) << np.uint64(e % 64)
-    return bits
-
-
 def _inverse_mass(group_mass: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.where(group_mass > 0, 1.0 / group_mass, 0.0)
@@ -222,34 +213,50 @@ def _alias_at(u, n, prob, idx, base):
     return i + other * (np.int64(idx[_u(base + i)]) - i)
 
 
+# Fixed length of the padded list of chosen groups searched by a group-limited popularity draw:
+# a search of constant length is unrolled, where one of ``topk_group`` steps became a vectorised
+# loop with run-time checks. Unused entries hold +inf, so they are never counted.
+_SEL_PAD = 8
+
+
 @numba.njit(inline="always", cache=True, error_model="numpy")
 def _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g, group_size, alias_prob, alias_idx, row_e):
     """The expert that uniform ``u`` picks from the popularity of the allowed experts: under
     group-limited routing first a chosen group by mass (``sel_g``: the chosen groups in index
-    order, ``sel_before``: the mass of the chosen groups before each, ``sel_inv``: the inverse
-    of each one's mass, 0 for none), then an expert inside the group ``g`` by its alias table
-    (the layer's tables start at ``row_e``). The group is found by counting, not by a loop
+    order, ``sel_before``: the mass of the chosen groups before each, then +inf, ``sel_inv``: the
+    inverse of each one's mass, 0 for none), then an expert inside the group ``g`` by its alias
+    table (the layer's tables start at ``row_e``). The group is found by counting, not by a loop
     that exits at a random point (a mispredicted branch per draw)."""
     if algo == 1:
         target = u * sel_mass
         si = 0
-        for q in range(1, n_sel):
-            si += sel_before[_u(q)] <= target
+        if n_sel <= _SEL_PAD:
+            for q in range(1, _SEL_PAD):
+                si += sel_before[_u(q)] <= target
+        else:
+            for q in range(1, n_sel):
+                si += sel_before[_u(q)] <= target
         g = sel_g[_u(si)]
         u = min(max((target - sel_before[_u(si)]) * sel_inv[_u(si)], 0.0), _BELOW_ONE)
     return g * group_size + _alias_at(u, group_size, alias_prob, alias_idx, row_e + g * group_size)
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _is_free(free, cand):
-    """Bit ``cand`` (>= 0) of the bitmask ``free``: the expert is allowed and not yet chosen.
-    One load and a shift, where a scan of the choices so far costs ``k`` compares."""
-    return (free[_u(cand >> 6)] >> np.uint64(cand & 63)) & np.uint64(1) != np.uint64(0)
+def _untaken(c, small, used, taken_at, stamp):
+    """Expert ``c`` (>= 0) is not yet chosen by this (token, layer)."""
+    if small:
+        return (used >> np.uint64(c)) & np.uint64(1) == np.uint64(0)
+    return taken_at[_u(c)] != stamp
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _take(free, cand):
-    free[_u(cand >> 6)] &= ~(np.uint64(1) << np.uint64(cand & 63))
+def _free(c, small, used, gmask, taken_at, group_at, group_of, stamp, algo, g_lo, g_hi):
+    """Expert ``c`` (>= 0) is allowed (in a chosen group, in the slot's group) and not yet chosen."""
+    if small:
+        ok = ((used | ~gmask) >> np.uint64(c)) & np.uint64(1) == np.uint64(0)
+    else:
+        ok = (taken_at[_u(c)] != stamp) & ((algo != 1) | (group_at[_u(group_of[_u(c)])] == stamp))
+    return ok & (g_lo <= c) & (c < g_hi)
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
@@ -296,72 +303,96 @@ def _pick_groups_one_by_one(h_seed, t, layer, gmass, ginv, row_g, n_group, topk_
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups, sub_bits, group_bits, alias_prob, alias_idx,
-                     successors, seq_start, seq_domain, interval, locality, affinity, null_rate, threshold, out):
+def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups, alias_prob, alias_idx, successors, seq_start,
+                     seq_domain, interval, locality, affinity, null_rate, threshold, out, algo_tag, small_tag, k_tag):
     """``out``: the flat ``[tokens, layers, k]`` trace. ``dims``: experts, layers, domains,
     epochs, k, algorithm code, n_group, topk_group, number of group sets (0: pick groups one
-    at a time), successors per expert. The tables come flat (see ``generate_tokens``);
-    ``sub_bits`` / ``group_bits``: the experts of each group set / group as bitmasks of
-    ``(E + 63) // 64`` words."""
+    at a time), successors per expert. The tables come flat (see ``generate_tokens``).
+
+    ``algo_tag``, ``small_tag``, ``k_tag``: tuples whose lengths give the algorithm code (plus
+    one), whether there are at most 64 experts (length 2) and k. A tuple's length is part of
+    its type, so each combination is a build of its own with these as constants: the slot loop
+    then carries no tests of them and unrolls (``numba.literally`` would do the same but
+    re-enters the compiler on every call). Up to 64 experts, the chosen and the allowed experts
+    of a (token, layer) are bits of registers, so a slot's test does not wait on the previous
+    slot's store to memory."""
     E, L, D, epochs, k, algo, n_group, topk_group, n_sets, fan = (dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
                                                                   dims[7], dims[8], dims[9])
-    words = (E + 63) // 64
     group_size = E // n_group
     per_group = k // n_group if algo == 2 else 1
-    every = np.full(words, ~np.uint64(0), dtype=np.uint64)
-    if E % 64:
-        every[words - 1] = (np.uint64(1) << np.uint64(E % 64)) - np.uint64(1)
+    group_of = np.arange(E) // group_size  # read-only, shared by every sequence
+    n_pad = max(n_group, _SEL_PAD)
+    # up to 64 experts the chosen ones are bits of a register; a group's experts as a mask
+    small = E <= 64
+    group_bits = np.zeros(n_group, dtype=np.uint64)
+    if small:
+        for e in range(E):
+            group_bits[group_of[e]] |= np.uint64(1) << np.uint64(e)
     for s in numba.prange(seq_start.size - 1):
-        # [layer, slot]: the previous token's choices; a slot's entry is overwritten by this
-        # token's choice once made, which is what the next layer's affinity reads
+        # again inside the parallel loop: there the lengths stay constants, whereas values from
+        # outside it come in as run-time arguments
+        algo = len(algo_tag) - 1
+        small = len(small_tag) == 2
+        k = len(k_tag)
+        # [layer, slot]: the previous token's choices; a slot's entry becomes this token's choice
+        # once made, which is what the next layer's affinity reads
         prev = np.full(L * k, -1, dtype=np.int64)
-        free = np.empty(words, dtype=np.uint64)  # this (token, layer)'s allowed, not yet chosen experts
+        # Stamps instead of per-(token, layer) sets: the expert (group) is taken (chosen) by the
+        # current (token, layer) when its entry equals ``stamp``, which goes up by one per
+        # (token, layer). Nothing is cleared between layers, and a test is one load and compare.
+        taken_at = np.zeros(E, dtype=np.int64)
+        group_at = np.zeros(n_group, dtype=np.int64)
+        stamp = 0
         group_sel = np.zeros(n_group, dtype=np.bool_)
-        sel_g = np.zeros(n_group, dtype=np.int64)
-        sel_before = np.zeros(n_group)
-        sel_inv = np.zeros(n_group)
+        sel_g = np.zeros(n_pad, dtype=np.int64)
+        sel_before = np.full(n_pad, np.inf)
+        sel_inv = np.zeros(n_pad)
         cum = np.zeros(n_group)
         dom = seq_domain[s]
-        for t in range(seq_start[s], seq_start[s + 1]):
-            ep = min(t // interval, epochs - 1)
+        t0 = seq_start[s]
+        ep = min(t0 // interval, epochs - 1)
+        next_epoch = (t0 // interval + 1) * interval
+        for t in range(t0, seq_start[s + 1]):
+            if t == next_epoch:  # no division per token
+                ep = min(ep + 1, epochs - 1)
+                next_epoch += interval
             token_key = np.uint64(seed) * _GOLDEN ^ np.uint64(t) * _MIX1
             for layer in range(L):
+                stamp += 1
                 row = (ep * D + dom) * L + layer
                 row_e = row * E
                 layer_key = np.uint64(layer * 65536)
                 sel_mass = 0.0
                 n_sel = 0
+                gmask = ~np.uint64(0)
                 if algo == 1:
+                    gmask = np.uint64(0)
                     if n_sets > 0:
                         # one alias draw over the sets of chosen groups (see ``group_subsets``)
                         st = _alias_at(_unit(_draw_hash(token_key, layer_key, _GROUP_SLOT, 0)), n_sets, sub_prob, sub_idx, row * n_sets)
                         for q in range(topk_group):
                             g = sub_groups[_u(st * topk_group + q)]
+                            group_at[_u(g)] = stamp
+                            gmask |= group_bits[_u(g)]
                             sel_g[_u(q)] = g
                             sel_before[_u(q)] = sel_mass
                             sel_inv[_u(q)] = ginv[_u(row * n_group + g)]
                             sel_mass += gmass[_u(row * n_group + g)]
-                        for w in range(words):
-                            free[_u(w)] = sub_bits[_u(st * words + w)]
                     else:
                         for g in range(n_group):
                             group_sel[g] = False
                         sel_mass = _pick_groups_one_by_one(seed, t, layer, gmass, ginv, row * n_group, n_group, topk_group, group_sel,
                                                            sel_g, sel_before, sel_inv, cum)
-                        for w in range(words):
-                            free[_u(w)] = 0
                         for q in range(topk_group):
-                            for w in range(words):
-                                free[_u(w)] |= group_bits[_u(sel_g[q] * words + w)]
+                            group_at[_u(sel_g[q])] = stamp
+                            gmask |= group_bits[_u(sel_g[q])]
                     n_sel = topk_group
-                else:
-                    for w in range(words):
-                        free[_u(w)] = every[_u(w)]
                 loc = locality[layer]
                 aff = affinity[layer] if layer > 0 else 0.0
-                succ_row = max(layer - 1, 0) * E
                 here = layer * k
-                above = here - k
+                up_row = max(here - k, 0)  # layer 0: any valid row (its affinity is 0)
+                succ_row = max(layer - 1, 0) * E
+                used = np.uint64(0)
                 ob = (t * L + layer) * k
                 mass = 0.0
                 g_fix = 0
@@ -373,22 +404,22 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                         g_lo = g_fix * group_size
                         g_hi = g_lo + group_size
                     h = _draw_hash(token_key, layer_key, j, _D_TESTS)
-                    # Every candidate of the slot is worked out, then the first that may be taken
-                    # is selected without a branch: the locality and affinity tests and the
-                    # repeat test of the first popularity draw are coin flips, so branches on them
-                    # were mispredicted a large share of the time.
+                    # Every candidate of the slot is worked out and the first that may be taken is
+                    # selected without a branch: the locality and affinity tests are coin flips,
+                    # and branches on them were mispredicted a large share of the time.
                     # 1. temporal locality
                     c_loc = prev[_u(here + j)]
-                    ok_loc = (c_loc >= 0) & (_field(h, _SHIFT_LOCAL) < loc) & (c_loc >= g_lo) & (c_loc < g_hi)
-                    ok_loc &= _is_free(free, max(c_loc, 0))
-                    # 2. cross-layer affinity (above this token's choice in the slot one layer up)
-                    up = prev[_u(above + j)] if layer > 0 else -1
+                    ok_loc = ((c_loc >= 0) & (_field(h, _SHIFT_LOCAL) < loc)
+                              & _free(max(c_loc, 0), small, used, gmask, taken_at, group_at, group_of, stamp, algo, g_lo, g_hi))
+                    # 2. cross-layer affinity
+                    up = prev[_u(up_row + j)]
                     c_aff = np.int64(successors[_u((succ_row + max(up, 0)) * fan + ((np.int64(h >> np.uint64(_SHIFT_SUCC)) & 0xFF) * fan >> 8))])
-                    ok_aff = (up >= 0) & (_field(h, _SHIFT_AFFINE) < aff) & (c_aff >= g_lo) & (c_aff < g_hi) & _is_free(free, c_aff)
-                    # 3. popularity, the first attempt from the same hash (inside the allowed experts by construction)
+                    ok_aff = ((up >= 0) & (_field(h, _SHIFT_AFFINE) < aff)
+                              & _free(c_aff, small, used, gmask, taken_at, group_at, group_of, stamp, algo, g_lo, g_hi))
+                    # 3. popularity, the first attempt from the same hash (allowed by construction)
                     c_pop = _popularity_draw(_pop_field(h), algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g_fix, group_size,
                                              alias_prob, alias_idx, row_e)
-                    ok_pop = _is_free(free, c_pop)
+                    ok_pop = _untaken(c_pop, small, used, taken_at, stamp)
                     pick = c_loc if ok_loc else (c_aff if ok_aff else c_pop)
                     if not (ok_loc | ok_aff | ok_pop):
                         # the first draw repeats a choice: redraw, then the lowest allowed free expert
@@ -397,16 +428,19 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                             u = _unit(_draw_hash(token_key, layer_key, j, _D_POP + attempt))
                             cand = _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g_fix, group_size, alias_prob,
                                                     alias_idx, row_e)
-                            if _is_free(free, cand):
+                            if _untaken(cand, small, used, taken_at, stamp):
                                 pick = cand
                                 break
                         if pick < 0:
                             for cand in range(g_lo, g_hi):
-                                if _is_free(free, cand):
+                                if _free(cand, small, used, gmask, taken_at, group_at, group_of, stamp, algo, g_lo, g_hi):
                                     pick = cand
                                     break
                     if pick >= 0:
-                        _take(free, pick)
+                        if small:
+                            used |= np.uint64(1) << np.uint64(pick)
+                        else:
+                            taken_at[_u(pick)] = stamp
                     prev[_u(here + j)] = pick
                     if null_rate > 0.0 and _unit(_draw_hash(token_key, layer_key, j, _D_NULL)) < null_rate:
                         out[_u(ob + j)] = -1
@@ -669,17 +703,14 @@ def generate_tokens(profile: RoutingProfile, tokens: int, seed: int = 0, *, impl
             subsets = (np.zeros(0), np.zeros(0, dtype=np.int32), np.zeros((0, 1), dtype=np.int64))
         sub_prob, sub_idx, members = subsets
         epochs, domains, _, num_experts = tables.cdf.shape
-        group_bits = _expert_bits([range(g * (num_experts // n_group), (g + 1) * (num_experts // n_group)) for g in range(n_group)],
-                                  num_experts)
-        sub_bits = _expert_bits([[e for g in m for e in range(g * (num_experts // n_group), (g + 1) * (num_experts // n_group))]
-                                 for m in members], num_experts) if algo == 1 and members.shape[0] else np.zeros(0, dtype=np.uint64)
         dims = np.array([num_experts, profile.num_layers, domains, epochs, profile.top_k, algo, n_group, profile.topk_group,
                          members.shape[0], tables.successors.shape[2]], dtype=np.int64)
         # ravel: views of the (contiguous) tables, not copies
         _generate_kernel(np.uint64(seed), dims, tables.cdf.ravel(), tables.group_mass.ravel(), _inverse_mass(tables.group_mass).ravel(),
-                         sub_prob.ravel(), sub_idx.ravel(), members.ravel(), sub_bits.ravel(), group_bits.ravel(), tables.alias_prob.ravel(), tables.alias_idx.ravel(),
+                         sub_prob.ravel(), sub_idx.ravel(), members.ravel(), tables.alias_prob.ravel(), tables.alias_idx.ravel(),
                          tables.successors.ravel(), tables.seq_start, tables.seq_domain, profile.drift_interval, tables.locality,
-                         tables.affinity, profile.null_rate, profile.dynamic_threshold, ids.reshape(-1))
+                         tables.affinity, profile.null_rate, profile.dynamic_threshold, ids.reshape(-1),
+                         (0,) * (algo + 1), (0,) * (2 if num_experts <= 64 else 1), (0,) * profile.top_k)
     else:
         raise ValueError(f"unknown implementation {impl!r}; expected numba or numpy")
     if profile.capacity_factor is not None:
