@@ -162,15 +162,15 @@ class Ilp:
         integer = np.zeros(ncol, dtype=np.int32)
         integer[: 2 * EN] = 1  # a integer, h binary (bounds 0..1)
         h.changeColsIntegrality(ncol, np.arange(ncol, dtype=np.int32), integer)
-        h.setSolution(_warm_start(problem, layer, warm, node, cost.size, pairs, (ia, ih, iy, iu, iw), gpn))
+        start = _warm_start(problem, layer, warm, node, ncol, pairs, (ia, ih, iy, iu, iw), gpn)
+        h.setSolution(start)
         h.run()
         status = h.modelStatusToString(h.getModelStatus())
         values = np.asarray(h.getSolution().col_value)
         info = h.getInfo()
         has_solution = values.size == ncol and info.primal_solution_status == 2
         if not has_solution:  # the time ran out before the warm start was accepted: keep EPLB's
-            values = _warm_start(problem, layer, warm, node, ncol, pairs, (ia, ih, iy, iu, iw), gpn).col_value
-            values = np.asarray(values)
+            values = np.asarray(start.col_value)
         objective = float(cost @ values)
         bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else objective
         replicas = np.rint(values[ia:ia + EN]).astype(np.int64).reshape(E, N).T  # [N, E]

@@ -99,6 +99,17 @@ def _profile(scn: Scenario, arch: ModelArch, base: Path) -> RoutingProfile | Non
                                   if not isinstance(getattr(other, k), list)})
 
 
+def _requests(scn: Scenario, path: Path, requests: int | None) -> Requests:
+    """The workload's requests (the first ``requests`` of them when given)."""
+    try:
+        reqs = scn.workload.make_requests(scn.routing.seed, path.parent)
+    except MoesimError as exc:
+        raise InputError(exc.message, source=exc.source or str(path), field=exc.field or "workload") from None
+    if requests is not None:
+        reqs = Requests(reqs.arrival[:requests], reqs.prompt[:requests], reqs.output[:requests])
+    return reqs
+
+
 def build(scn: Scenario, path: Path, *, requests: int | None = None) -> Simulation:
     """Check and assemble everything a scenario's run needs; ``requests`` keeps only the first N."""
     source = str(path)
@@ -157,12 +168,7 @@ def build(scn: Scenario, path: Path, *, requests: int | None = None) -> Simulati
         groups.append(GroupConfig(name=name, model=model, role=role, kv_blocks=blocks, block_size=sched.block_size,
                                   max_running=sched.max_running, max_batched_tokens=sched.max_batched_tokens,
                                   chunked_prefill=sched.chunked_prefill, kv_bytes_per_token=kv_bytes(arch, 1, kv_dtype)))
-    try:
-        reqs = scn.workload.make_requests(scn.routing.seed, path.parent)
-    except MoesimError as exc:
-        raise InputError(exc.message, source=exc.source or source, field=exc.field or "workload") from None
-    if requests is not None:
-        reqs = Requests(reqs.arrival[:requests], reqs.prompt[:requests], reqs.output[:requests])
+    reqs = _requests(scn, path, requests)
     for group in groups:
         longest = int((reqs.prompt + reqs.output).max())
         if -(-longest // group.block_size) > group.kv_blocks:

@@ -28,7 +28,6 @@ from moesim.sim.prefetch import PREFETCH
 from moesim.sim.routing import routing_source
 from moesim.sim.step import StepModel
 from moesim.sim.tiers import plan_tiers
-from moesim.sim.workload import Requests
 
 
 def _popularity(ids: np.ndarray, experts: int) -> np.ndarray:
@@ -45,6 +44,7 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
         Simulation,
         _layout,
         _profile,
+        _requests,
     )
 
     source = str(path)
@@ -90,12 +90,7 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
         drive = catalog.device(node.ssds.device)
         rate, latency = ssd_read_rate(drive, catalog.link(node.ssd_link))
         ssd, ssd_capacity = (rate * node.ssds.count, latency), drive.capacity * node.ssds.count
-    try:
-        reqs = scn.workload.make_requests(scn.routing.seed, path.parent)
-    except MoesimError as exc:
-        raise InputError(exc.message, source=exc.source or source, field=exc.field or "workload") from None
-    if requests is not None:
-        reqs = Requests(reqs.arrival[:requests], reqs.prompt[:requests], reqs.output[:requests])
+    reqs = _requests(scn, path, requests)
     profile = _profile(scn, arch, path.parent)
     E, k = arch.moe.num_experts, arch.moe.top_k
     M = len(arch.moe_layers)
