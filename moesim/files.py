@@ -45,6 +45,17 @@ def load_yaml(path: str | Path) -> Any:
         raise InputError(f"malformed YAML: {problem}", source=str(path), field=where) from None
 
 
+def read_text(path: str | Path) -> str:
+    """A text file's contents; a missing or unreadable file raises InputError naming it."""
+    path = Path(path)
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise InputError("file not found", source=str(path)) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read: {exc.__class__.__name__}", source=str(path)) from None
+
+
 def load_json(path: str | Path) -> Any:
     """Parse a JSON file; a syntax error names the file, line and column."""
     path = Path(path)
