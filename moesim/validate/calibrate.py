@@ -1,0 +1,317 @@
+"""Calibration of a device profile's efficiency figures from measured tables.
+
+Rows are split into a calibration and a test part by a hash of their *shape* (the family's
+:attr:`~moesim.validate.tables.Family.shape` columns: a GEMM's ``n, k``, a MoE layer's
+model shape and parallel layout, an attention's head layout), so a test shape was never seen by
+the fit, whatever its token count. The split depends on the values only: the same table gives
+the same split in any row order, on any machine.
+
+The fit is a coordinate search over the device's efficiency figures
+(:data:`PARAMETERS`): each figure in turn is scaled over a grid of factors and the best value
+kept, with the grid narrowing each sweep. The objective is the mean over families of the mean
+absolute log error ``|ln(predicted / measured)|`` of each family's regimes, so a family with many
+rows (GEMM) does not drown one with few (MLA), and a 2x error weighs the same either side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from moesim.errors import InputError, from_validation
+from moesim.files import atomic_write, load_yaml
+from moesim.hardware import catalog
+from moesim.hardware.specs import Device
+from moesim.validate.compare import PREDICTORS, Cases, Summary
+from moesim.validate.tables import Table
+
+TEST_FRACTION = 0.3
+# Families whose kernels the device's efficiency figures set (collectives depend on the links).
+KERNEL_FAMILIES = ("moe", "gemm", "attention_prefill", "attention_decode", "mla_prefill", "mla_decode")
+_ALL = frozenset(KERNEL_FAMILIES)
+_ATTENTION = frozenset({"attention_prefill", "attention_decode", "mla_prefill", "mla_decode"})
+
+
+def shape_fraction(table: Table) -> np.ndarray:
+    """Each row's shape hashed to a number in [0, 1): rows of one shape share it."""
+    columns = [table.get(c) for c in table.family.shape]
+    out = np.empty(len(table))
+    seen: dict[tuple, float] = {}
+    for i in range(len(table)):
+        key = tuple(str(c[i]) for c in columns)
+        if key not in seen:
+            digest = hashlib.blake2b(f"{table.family.name}|{'|'.join(key)}".encode(), digest_size=8).digest()
+            seen[key] = int.from_bytes(digest, "big") / 2.0**64
+        out[i] = seen[key]
+    return out
+
+
+def split(table: Table, test_fraction: float = TEST_FRACTION) -> tuple[Table, Table]:
+    """(calibration rows, test rows) of ``table``; whole shapes go to one side."""
+    if not 0.0 < test_fraction < 1.0:
+        raise InputError(f"test fraction must be between 0 and 1, got {test_fraction}", field="--test-fraction")
+    test = shape_fraction(table) < test_fraction
+    return table.take(np.flatnonzero(~test)), table.take(np.flatnonzero(test))
+
+
+def sample(table: Table, rows: int, seed: int = 0) -> Table:
+    """At most ``rows`` rows of ``table`` picked at random from ``seed`` (all when ``rows`` is 0
+    or the table is smaller), in table order."""
+    if rows <= 0 or len(table) <= rows:
+        return table
+    pick = np.sort(np.random.default_rng(seed).choice(len(table), size=rows, replace=False))
+    return table.take(pick)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One fitted figure: its path in the profile (``("efficiency", "compute", "bf16")``), the
+    families whose prediction it changes, and its allowed range (SI units)."""
+
+    path: tuple[str, ...]
+    families: frozenset[str]
+    low: float
+    high: float
+    choices: tuple[float, ...] = ()  # a discrete figure (roofline_p: the compiled fast paths)
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+
+def parameters(device, tables: list[Table]) -> list[Parameter]:
+    """The figures of ``device`` the tables can inform (per-dtype keys only for dtypes the
+    tables hold and the profile lists)."""
+    eff = device.efficiency
+    families = {t.family.name for t in tables} & _ALL
+    out = [
+        Parameter(("launch_overhead",), _ALL, 0.2e-6, 10e-6),
+        Parameter(("efficiency", "memory"), _ALL, 0.3, 1.0),
+        Parameter(("efficiency", "memory_latency"), _ALL, 0.0, 10e-6),
+        Parameter(("efficiency", "roofline_p"), _ALL, 2.0, 4.0, (2.0, 3.0, 4.0)),
+        Parameter(("efficiency", "k_half"), frozenset({"gemm", "moe"}), 0.0, 512.0),
+        Parameter(("efficiency", "attention_prefill"), frozenset({"attention_prefill", "attention_decode", "mla_decode"}),
+                  0.05, 1.0),
+        Parameter(("efficiency", "attention_decode"), frozenset({"attention_decode", "mla_decode"}), 0.05, 1.0),
+        Parameter(("efficiency", "mla_prefill"), frozenset({"mla_prefill"}), 0.02, 1.0),
+        Parameter(("efficiency", "attention_overhead"), _ATTENTION, 0.0, 30e-6),
+    ]
+    gemm_keys = _keys(tables, "gemm", "gemm_dtype", eff.compute)
+    moe_keys = _keys(tables, "moe", "moe_dtype", eff.moe_compute)
+    out += [Parameter(("efficiency", "compute", k), frozenset({"gemm"}), 0.05, 1.0) for k in gemm_keys]
+    out += [Parameter(("efficiency", "moe_compute", k), frozenset({"moe"}), 0.02, 1.0) for k in moe_keys]
+    out += [Parameter(("efficiency", "moe_memory", k), frozenset({"moe"}), 0.05, 1.0)
+            for k in _keys(tables, "moe", "moe_dtype", eff.moe_memory) if k != "default"]
+    out += [Parameter(("efficiency", "variant_overhead", k), frozenset({"gemm"}), 0.0, 50e-6)
+            for k in sorted(eff.variant_overhead) if k in _dtypes(tables, "gemm", "gemm_dtype")]
+    if _dtypes(tables, "moe", "moe_ep_size") - {"1", "1.0"}:
+        out.append(Parameter(("efficiency", "moe_empty_block"), frozenset({"moe"}), 0.0, 200e-9))
+    return [p for p in out if p.families & families]
+
+
+def _dtypes(tables: list[Table], family: str, column: str) -> set[str]:
+    return {str(v) for t in tables if t.family.name == family for v in set(t.get(column).tolist())}
+
+
+def _keys(tables: list[Table], family: str, column: str, table: dict) -> list[str]:
+    """Profile keys the rows' dtypes read (a kernel variant's own key, else its dtype's)."""
+    from moesim.dtypes import canonical_dtype
+
+    keys = set()
+    for variant in _dtypes(tables, family, column):
+        for name in (variant.lower(), canonical_dtype(variant)):
+            if name in table:
+                keys.add(name)
+                break
+        else:
+            if "default" in table:
+                keys.add("default")
+    return sorted(keys)
+
+
+def value(device, path: tuple[str, ...]) -> float:
+    node = device.model_dump()
+    for key in path:
+        node = node[key]
+    return float(node)
+
+
+def with_values(device, values: dict[tuple[str, ...], float]):
+    """A copy of ``device`` with the figures at ``values``' paths replaced."""
+    data = device.model_dump()
+    for path, v in values.items():
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = v
+    return type(device).model_validate(data)
+
+
+def _family_loss(cases: list[Cases]) -> float:
+    """Mean over regimes of the mean absolute log error."""
+    ratio = np.concatenate([np.log(c.predicted / c.measured) for c in cases])
+    regime = np.concatenate([c.regime for c in cases])
+    return float(np.mean([np.abs(ratio[regime == r]).mean() for r in np.unique(regime)]))
+
+
+class Objective:
+    """The fit's loss over a fixed set of calibration rows; predictions of the families a
+    figure does not touch are reused."""
+
+    def __init__(self, tables: list[Table], draws: int = 3):
+        self.tables = [t for t in tables if t.family.name in _ALL and len(t)]
+        self.draws = draws
+        self.counts: dict = {}  # routing draws, shared across evaluations
+        self.losses: dict[str, float] = {}
+        self.evaluations = 0
+
+    def family_losses(self, device, families=None) -> dict[str, float]:
+        wanted = {t.family.name for t in self.tables} if families is None else set(families)
+        groups: dict[str, list[Cases]] = {}
+        for table in self.tables:
+            if table.family.name in wanted:
+                groups.setdefault(table.family.name, []).extend(
+                    PREDICTORS[table.family.name](table, device, None, draws=self.draws, counts_cache=self.counts)
+                    if table.family.name == "moe" else PREDICTORS[table.family.name](table, device, None))
+        self.evaluations += 1
+        return {f: _family_loss(c) for f, c in groups.items()}
+
+    def __call__(self, device, families=None) -> float:
+        losses = dict(self.losses)
+        losses.update(self.family_losses(device, families))
+        return float(np.mean(list(losses.values()))), losses
+
+
+_FACTORS = (0.5, 0.7, 0.85, 0.93, 1.0, 1.07, 1.15, 1.4, 2.0)
+
+
+def fit(device, tables: list[Table], *, sweeps: int = 3, draws: int = 3, progress=None) -> tuple[object, dict]:
+    """Coordinate search of ``device``'s efficiency figures on the calibration ``tables``.
+    Returns the fitted device and a record: loss before / after, each figure's start and end
+    value, and how many evaluations it took."""
+    objective = Objective(tables, draws)
+    if not objective.tables:
+        raise InputError("no kernel tables (moe, gemm, attention, mla) to calibrate from", field="--measured")
+    params = parameters(device, objective.tables)
+    loss, objective.losses = objective(device)
+    start_loss, start = loss, {p.name: value(device, p.path) for p in params}
+    for sweep in range(sweeps):
+        spread = 0.5 ** sweep  # the grid narrows each sweep
+        for param in params:
+            current = value(device, param.path)
+            if param.choices:
+                candidates = list(param.choices)
+            else:
+                base = current if current > 0 else (param.high - param.low) * 0.05 + param.low
+                candidates = sorted({float(np.clip(base * f ** spread, param.low, param.high)) for f in _FACTORS}
+                                    | ({0.0} if param.low == 0.0 else set()))
+            for candidate in candidates:
+                if candidate == current:
+                    continue
+                trial = with_values(device, {param.path: candidate})
+                trial_loss, trial_losses = objective(trial, param.families)
+                if trial_loss < loss - 1e-12:
+                    device, loss, objective.losses, current = trial, trial_loss, trial_losses, candidate
+            if progress:
+                progress(sweep, param.name, loss)
+    record = {
+        "loss_before": start_loss, "loss_after": loss, "evaluations": objective.evaluations,
+        "rows": {t.name: len(t) for t in objective.tables},
+        "figures": {p.name: {"before": start[p.name], "after": value(device, p.path)} for p in params},
+        "family_loss_after": dict(objective.losses),
+    }
+    return device, record
+
+
+# -- profiles ------------------------------------------------------------------------------
+
+_DEVICE = TypeAdapter(Device)
+_SECONDS_FIELDS = {"launch_overhead", "memory_latency", "moe_empty_block", "attention_overhead", "variant_overhead"}
+
+
+def load_device(spec: str):
+    """A device by catalog name or alias, or from a profile YAML file (a path ending .yaml)."""
+    if spec.endswith((".yaml", ".yml")):
+        raw = load_yaml(spec)
+        if not isinstance(raw, dict):
+            raise InputError("expected a mapping of fields at the top level", source=spec)
+        try:
+            return _DEVICE.validate_python(raw)
+        except ValidationError as exc:
+            raise from_validation(exc, spec, tags=("gpu", "npu", "cpu", "ssd")) from None
+    return catalog.device(spec, field="--device")
+
+
+def _fmt(name: str, v: float):
+    if name in _SECONDS_FIELDS:
+        return "0 s" if v == 0 else (f"{v * 1e9:.3g} ns" if v < 1e-6 else f"{v * 1e6:.3g} us")
+    return round(v, 3) if abs(v) < 10 else round(v, 1)
+
+
+def rounded(device):
+    """``device`` with its fitted figures rounded as :func:`write_profile` writes them (3
+    significant digits), so what is evaluated is what is stored."""
+    data = _profile_data(device)
+    return _DEVICE.validate_python(data)
+
+
+def _profile_data(device) -> dict:
+    data = device.model_dump(mode="json", exclude_defaults=False)
+    data["launch_overhead"] = _fmt("launch_overhead", device.launch_overhead)
+    eff = {}
+    for key, v in device.efficiency.model_dump().items():
+        if isinstance(v, dict):
+            eff[key] = {k: _fmt(key, x) for k, x in v.items()}
+        elif isinstance(v, float):
+            eff[key] = _fmt(key, v)
+        else:
+            eff[key] = v
+    data["efficiency"] = eff
+    return data
+
+
+def shared_commit(folder: Path) -> str:
+    """The upstream commit the measured tables came from, as the README beside them states
+    (``commit <40 hex>``), else ''."""
+    for readme in (folder / "README.md", folder.parent / "README.md"):
+        if readme.is_file():
+            found = re.search(r"commit\s+([0-9a-f]{40})", readme.read_text(errors="replace"))
+            if found:
+                return found.group(1)
+    return ""
+
+
+def write_profile(device, path: str | Path, *, base_name: str, source: dict) -> Path:
+    """Write the calibrated profile: the device's own fields with the fitted figures, headed by
+    comments naming the data they came from (``source``: tables and rows used, shared-data
+    commit, split, test errors). It loads like any profile (``--device PATH`` or a folder on
+    ``MOESIM_HWPROFILES``)."""
+    data = _profile_data(device)
+    lines = [f"# {device.full_name}: efficiency figures calibrated by `moesim validate --fit` from measured tables.",
+             f"# Base profile: {base_name} (hand-set figures and spec-sheet numbers, sources in its comments).",
+             f"# Measured data: {source.get('folder', '')}",
+             f"#   upstream commit {source.get('commit') or 'unknown'} (ai-dynamo/aiconfigurator tables)",
+             f"#   calibration split: shapes whose hash is >= {source.get('test_fraction', TEST_FRACTION)} "
+             "(whole shapes held out for the test split)"]
+    for name, rows in source.get("rows", {}).items():
+        lines.append(f"#   {name}: {rows} calibration rows used")
+    for key in ("loss_before", "loss_after"):
+        if key in source:
+            lines.append(f"#   {key.replace('_', ' ')} (mean |ln(predicted / measured)|): {source[key]:.4f}")
+    for line in source.get("test_errors", []):
+        lines.append(f"#   test split: {line}")
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return atomic_write(path, text)
+
+
+def loss_of(summaries: list[Summary]) -> float:
+    """A single figure of merit of a test-split table: the mean of the families' median and p90
+    absolute errors, over the families that have a target."""
+    lines = [s for s in summaries if s.regime == "all" and s.target is not None]
+    return float(np.mean([(s.median + s.p90) / 2 for s in lines])) if lines else float("nan")
