@@ -13,9 +13,9 @@ import sys
 from moesim import __version__
 from moesim.errors import MoesimError
 
-from moesim.cli import cost, estimate, hw, models, scenario, simulate, trace, validate
+from moesim.cli import cost, estimate, hw, models, plan, scenario, simulate, trace, validate
 
-_COMMANDS = (hw, models, trace, cost, estimate, simulate, scenario, validate)
+_COMMANDS = (hw, models, trace, cost, estimate, simulate, scenario, plan, validate)
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):

@@ -22,10 +22,12 @@ def register(sub, formatter) -> None:
         epilog=("examples:\n"
                 "  moesim simulate --scenario mixtral-8x7b-h100\n"
                 "  moesim simulate --scenario deepseek-v3-decode-ep64 --requests 500 --out runs/ds\n"
+                "  moesim simulate --scenario deepseek-v3-decode-ep64 --plan plan.yaml\n"
                 "writes metrics.json, trace.json (open in ui.perfetto.dev) and PNG figures to --out."),
     )
     parser.add_argument("--scenario", required=True, help="bundled scenario name or path to a scenario YAML")
     parser.add_argument("--requests", type=int, help="serve only the first N requests of the workload")
+    parser.add_argument("--plan", help="a plan file of 'moesim plan' to run (overrides the scenario's plan:)")
     parser.add_argument("--out", help="output folder (default: runs/<scenario name>)")
     parser.add_argument("--json", action="store_true", help="print metrics.json to stdout instead of tables")
     parser.set_defaults(func=_simulate)
@@ -39,6 +41,8 @@ def _simulate(args) -> int:
     if args.requests is not None and args.requests < 1:
         raise InputError("must be a positive number of requests", field="--requests")
     scenario, path = load_scenario(args.scenario)
+    if args.plan:
+        scenario = scenario.model_copy(update={"plan": str(Path(args.plan).resolve())})
     sim = build(scenario, path, requests=args.requests)
     start = time.perf_counter()
     log, metrics = sim.run()

@@ -24,6 +24,7 @@ from moesim.models.arch import ModelArch
 from moesim.models.presets import load_model
 from moesim.routing.profile import RoutingProfile, model_profile
 from moesim.files import load_yaml
+from moesim.scenario.plan import apply_plan
 from moesim.scenario.schema import Parallel, Scenario
 from moesim.sim.dispatch import DISPATCH
 from moesim.sim.engine import GroupConfig, RunLog, run
@@ -113,6 +114,8 @@ def _requests(scn: Scenario, path: Path, requests: int | None) -> Requests:
 def build(scn: Scenario, path: Path, *, requests: int | None = None) -> Simulation:
     """Check and assemble everything a scenario's run needs; ``requests`` keeps only the first N."""
     source = str(path)
+    if scn.plan is not None:  # relative to the scenario file, as every path in it
+        scn = apply_plan(scn, scn.plan, base_dir=path.parent)
     try:
         arch = load_model(scn.model)
     except MoesimError as exc:

@@ -182,6 +182,9 @@ class Scenario(_Strict):
     policies: Policies = Policies()
     disaggregation: Disaggregation | None = None
     offload: Offload | None = None
+    plan: str | None = Field(None, description="a plan file written by moesim plan; its decision replaces placement "
+                                               "(placement plan), parallel and scheduler (layout plan) or offload "
+                                               "(offload plan)")
     outputs: Outputs = Outputs()
 
 

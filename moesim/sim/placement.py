@@ -8,7 +8,8 @@ Placements come by name from :data:`PLACEMENTS` (``contiguous``: experts ``r*E/e
 ``r``, as vLLM and SGLang lay them out by default; ``round_robin``: expert ``e`` on rank
 ``e % ep``) or from a JSON / YAML file with a ``physical_to_logical_map`` of
 ``[layers][physical slots]`` (the file SGLang's ``--init-expert-location`` reads), or one row for
-every layer. The planners of ``moesim plan`` write such files.
+every layer, or a placement plan of ``moesim plan placement`` (its ``decision.phy2log`` and
+``decision.weight``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def read_placement(path: str | Path, experts: int, ranks: int, layers: int) -> P
         raw = json.loads(path.read_text()) if path.suffix == ".json" else load_yaml(path)
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read the placement: {exc}", source=str(path)) from None
+    if isinstance(raw, dict) and raw.get("kind") == "placement" and isinstance(raw.get("decision"), dict):
+        # a placement plan of `moesim plan placement`: its decision holds the map and the shares
+        decision = raw["decision"]
+        raw = {key: decision[name] for key, name in (("physical_to_logical_map", "phy2log"), ("weight", "weight"))
+               if name in decision}
     if not isinstance(raw, dict) or "physical_to_logical_map" not in raw:
         raise InputError("expected a mapping with physical_to_logical_map: [layers][physical slots]", source=str(path))
     try:
