@@ -16,6 +16,7 @@ from moesim.files import atomic_write
 from moesim.report import validation as figures
 from moesim.validate import calibrate
 from moesim.validate.compare import Cases, predict, summarise
+from moesim.validate.replay import format_replay, replay
 from moesim.validate.tables import FAMILIES, read_folder
 
 BEGIN = "<!-- moesim validate: begin -->"
@@ -37,7 +38,9 @@ def register(sub, formatter) -> None:
                "  moesim validate --measured DIR --device h200-sxm --efficiency-from validation/out/h100-sxm-calibrated.yaml\n"
                "  moesim validate --measured DIR --device h100-sxm --markdown docs/validation.md",
     )
-    p.add_argument("--measured", required=True, metavar="DIR", help="folder of measured tables (.csv.gz / .csv / .parquet)")
+    p.add_argument("--measured", metavar="DIR", help="folder of measured tables (.csv.gz / .csv / .parquet)")
+    p.add_argument("--replay", metavar="TRACE", help="instead: replay a collect_moe.py torch.profiler trace (moe_cases.json "
+                   "beside it) and compare each MoE layer's measured time with the cost model's")
     p.add_argument("--device", required=True, help="device profile name, or a profile YAML file")
     p.add_argument("--efficiency-from", metavar="DEVICE", help="carry another profile's efficiency figures and launch "
                    "overhead over (cross-device prediction: --device's spec sheet, this device's calibration)")
@@ -89,7 +92,22 @@ def _print(title: str, lines: list[dict]) -> None:
     table(title, ["family", "regime", "rows", "median", "p90", "bias", "target", "met"], rows, right={2, 3, 4, 5})
 
 
+def _replay(args: argparse.Namespace) -> int:
+    result = replay(args.replay, calibrate.load_device(args.device))
+    if args.json:
+        emit_json({"trace": result.trace, "measured_on": result.measured_on, "device": result.device,
+                   "on_cpu": result.on_cpu, "summary": result.summary(),
+                   "cases": [{**vars(r), "error": r.error} for r in result.rows]})
+    else:
+        print("\n".join(format_replay(result)))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.replay:
+        return _replay(args)
+    if not args.measured:
+        raise InputError("give --measured DIR (or --replay TRACE.json)", field="--measured")
     wanted = _families(args.only)
     tables = [t for t in read_folder(args.measured) if wanted is None or t.family.name in wanted]
     if not tables:
@@ -111,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
     say(f"{sum(len(t) for t in tables)} measured rows in {len(tables)} tables ({', '.join(measured_on) or 'device not named'}); "
         f"test split: {sum(len(t) for t in tests)} rows of held-out shapes")
+    if not any(len(t) for t in tests):
+        raise InputError(f"the test split is empty (too few shapes for --test-fraction {args.test_fraction})",
+                         source=args.measured)
     cases = predict(tests, device, cluster=args.cluster)
     result = {"measured": str(args.measured), "measured_on": measured_on, "device": device.name,
               "efficiency_from": args.efficiency_from, "test_fraction": args.test_fraction,
