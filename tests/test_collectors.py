@@ -89,10 +89,15 @@ def test_collect_nccl(tmp_path):
     _check_trace(out["trace"], r"^(all_reduce|alltoall) ", 4 * 3)
 
 
-def test_collect_moe_and_replay(tmp_path):
-    collector = _script("collect_moe")
-    out = collector.main(["--dry-run", "--out", str(tmp_path), "--routing", "balanced", "power_law:1.2", "profile",
-                          "--ep", "1", "2"])
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe")
+    return _script("collect_moe").main(["--dry-run", "--out", str(out), "--routing", "balanced", "power_law:1.2", "profile",
+                                        "--ep", "1", "2"])
+
+
+def test_collect_moe_and_replay(moe_run):
+    out = moe_run
     rows = _check_table(out["table"], "moe", {"num_tokens", "hidden_size", "inter_size", "topk", "num_experts",
                                               "moe_tp_size", "moe_ep_size", "distribution", "moe_dtype"})
     assert {r["distribution"] for r in rows} == {"balanced", "power_law_1.2", "profile_mixtral-8x7b"}
@@ -130,3 +135,12 @@ def test_replay_errors(tmp_path):
     (tmp_path / "moe_cases.json").write_text(json.dumps({"cases": [dict(case, tokens_per_expert=[1, 2])]}))
     with pytest.raises(InputError, match=r"cases\[0\]: tokens_per_expert has 2 entries"):
         replay(trace, device("h100-sxm"))
+
+
+def test_cli_replay(moe_run, capsys):
+    from moesim.cli import main
+
+    assert main(["validate", "--replay", str(moe_run["trace"]), "--device", "h100-sxm", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["on_cpu"] is True and report["summary"]["cases"] == len(report["cases"]) == 12
+    assert main(["validate", "--device", "h100-sxm"]) == 2  # neither --measured nor --replay
