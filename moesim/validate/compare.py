@@ -321,7 +321,8 @@ def predict(tables: list[Table], device, *, cluster: str | None = None, draws: i
         graph = topology(catalog.cluster(cluster, field="--cluster").name if cluster else node_cluster(device))
     out: list[Cases] = []
     for table in tables:
-        out += PREDICTORS[table.family.name](table, device, graph, draws=draws)
+        if len(table):
+            out += PREDICTORS[table.family.name](table, device, graph, draws=draws)
     return out
 
 
