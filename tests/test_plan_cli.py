@@ -12,8 +12,9 @@ from moesim.cli import main
 from moesim.errors import InputError
 from moesim.plan.export import _megatron_stages, eplb_arrays, launch_flags, sglang_location, vllm_ascend_map
 from moesim.plan.recommend import Recommendation, read_plan, write_plan
+from moesim.scenario.build import build
 from moesim.scenario.plan import apply_plan
-from moesim.scenario.schema import Scenario
+from moesim.scenario.schema import Scenario, load_scenario
 
 EXPERTS, LAYERS, GPUS = 32, 2, 16
 
@@ -98,7 +99,11 @@ def test_plan_export_and_simulate(scenario, tmp_path, capsys):
     assert "--enable-expert-parallel" in text and '"num_redundant_experts": 16' in text
     assert "--expert-model-parallel-size 16" in text
 
-    # the simulator runs the plan (its placement is the plan's map)
+    # the simulator runs the plan: its placement is the plan's map and token shares
+    scn, path = load_scenario(str(scenario))
+    placement = build(scn.model_copy(update={"plan": str(plan)}), path, requests=4).groups[0].model.placement
+    np.testing.assert_array_equal(placement.phy2log, phy2log)
+    np.testing.assert_allclose(placement.weight, weight)
     out = tmp_path / "run"
     assert main(["simulate", "--scenario", str(scenario), "--plan", str(plan), "--requests", "16", "--out", str(out),
                  "--json"]) == 0
@@ -166,6 +171,8 @@ def test_placement_plan_shapes_are_checked(tmp_path):
     write_plan(tmp_path / "p.yaml", rec)
     with pytest.raises(InputError, match="scenario's EP is 8"):
         apply_plan(_scenario(), tmp_path / "p.yaml")
+    with pytest.raises(InputError, match="no expert parallelism"):
+        apply_plan(_scenario(parallel={"tp": 8}), tmp_path / "p.yaml")
     rec.decision["gpus"] = 8
     write_plan(tmp_path / "p.yaml", rec)
     applied = apply_plan(_scenario(), tmp_path / "p.yaml")

@@ -288,6 +288,9 @@ def _apply_placement(scn: Scenario, rec: Recommendation, path: Path, source: str
         raise InputError(f"places {d['layers']} layers x {d['experts']} experts; {arch.name} has {layers} MoE layers x "
                          f"{experts} experts", source=source, field="decision.layers")
     groups = [scn.parallel] if scn.disaggregation is None else [scn.disaggregation.prefill, scn.disaggregation.decode]
+    if all(parallel.ep == 1 for parallel in groups):
+        raise InputError(f"places experts on {d['gpus']} EP ranks; the scenario has no expert parallelism (ep: 1)",
+                         source=source, field="decision.gpus")
     for parallel in groups:
         if parallel.ep > 1 and parallel.ep != d["gpus"]:
             raise InputError(f"places experts on {d['gpus']} GPUs; the scenario's EP is {parallel.ep}", source=source,
