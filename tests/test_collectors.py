@@ -98,9 +98,12 @@ def moe_run(tmp_path_factory):
 
 def test_collect_moe_and_replay(moe_run):
     out = moe_run
-    rows = _check_table(out["table"], "moe", {"num_tokens", "hidden_size", "inter_size", "topk", "num_experts",
-                                              "moe_tp_size", "moe_ep_size", "distribution", "moe_dtype"})
-    assert {r["distribution"] for r in rows} == {"balanced", "power_law_1.2", "profile_mixtral-8x7b"}
+    columns = {"num_tokens", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size", "moe_ep_size",
+               "distribution", "moe_dtype"}
+    rows = _check_table(out["table"], "moe", columns)
+    assert {r["distribution"] for r in rows} == {"balanced", "power_law_1.2"}
+    rows += _check_table(out["profile_table"], "moe", columns)
+    assert out["profile_table"].parent.name == "routing_profile" and rows[-1]["distribution"] == "profile_mixtral-8x7b"
     cases = json.loads(out["cases"].read_text())["cases"]
     assert len(cases) == len(rows) == 2 * 3 * 2
     first = cases[0]

@@ -17,7 +17,8 @@ when vLLM is installed and the device is a GPU, else a PyTorch loop over the exp
 (``--impl``). Under ``--ep N`` the layer is EP rank 0's: it receives every token and computes
 only its ``E / N`` experts (vLLM-style EP, as the aiconfigurator table).
 
-Writes ``moe_<framework>_<version>_moe_perf.csv`` (aiconfigurator MoE columns, latency ms),
+Writes ``moe_<framework>_<version>_moe_perf.csv`` (aiconfigurator MoE columns, latency ms; the
+rows of routing profiles in ``routing_profile/`` beside it),
 ``moe_trace.json`` (torch.profiler; each case's calls are ``record_function`` ranges named by
 the case) and ``moe_cases.json`` (shape, routing and tokens per expert of each case, for
 ``moesim.validate.replay``).
@@ -187,11 +188,18 @@ def main(argv: list[str] | None = None) -> dict:
                                                                           "num_experts", "moe_tp_size", "moe_ep_size",
                                                                           "moe_dtype", "distribution", "kernel_source")},
                                   "tokens_per_expert": counts.tolist(), "latency_ms": row["latency"]})
-    table = common.write_table(common.table_path(env, "moe", "moe", framework, version), rows)
+    # rows drawn from a routing profile have no aiconfigurator distribution name: their exact
+    # counts live in moe_cases.json, so their table goes to a sub-folder 'moesim validate
+    # --measured DIR' does not read (the replay reads them)
+    path = common.table_path(env, "moe", "moe", framework, version)
+    standard = [r for r in rows if not r["distribution"].startswith("profile_")]
+    profiled_rows = [r for r in rows if r["distribution"].startswith("profile_")]
+    table = common.write_table(path, standard) if standard else None
+    profile_table = common.write_table(env.out / "routing_profile" / path.name, profiled_rows) if profiled_rows else None
     sidecar = atomic_write(env.out / CASES_FILE, json.dumps(
         {"device": env.device_name, "dry_run": env.dry_run, "model": arch.name, "trace": TRACE_FILE if env.trace else None,
          "cases": cases}, indent=1))
-    return {"table": table, "trace": trace_path if env.trace else None, "cases": sidecar}
+    return {"table": table, "profile_table": profile_table, "trace": trace_path if env.trace else None, "cases": sidecar}
 
 
 if __name__ == "__main__":
