@@ -4,8 +4,8 @@ GPU, started by torchrun).
 Sizes follow nccl-tests: ``message_size`` is in ELEMENTS of the buffer nccl-tests' ``size``
 column describes (all-reduce: the buffer; all-gather: the gathered output; all-to-all: each
 rank's whole send buffer), ``nccl_dtype`` is nccl-tests' type name (``half``, ``bfloat16``,
-``int8``), ``latency`` ms is rank 0's median (each sample is bracketed by barriers, so it is
-the collective's time on the slowest rank's clock as seen by rank 0). Rank 0 writes
+``int8``), ``latency`` ms is rank 0's median sample of back-to-back calls (the ranks start
+together after a barrier; like nccl-tests without ``-z``, no barrier inside the timing). Rank 0 writes
 ``comm_nccl_<nccl version>_nccl_perf.csv`` (aiconfigurator's NCCL columns) and
 ``nccl_trace.json``.
 
@@ -86,12 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = args.sizes or (DRY_SIZES if env.dry_run else GPU_SIZES)
         dtype = NCCL_TYPES[args.dtype]
 
-        def timed(fn):
-            def sample():
-                dist.barrier()
-                fn()
-            return sample
-
         rows = []
         trace = env.out / "nccl_trace.json"
         env.trace = env.trace and rank == 0
@@ -99,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
             for op in args.ops:
                 for nbytes in sizes:
                     fn, count = _collective(op, nbytes, dtype, world, env.device)
-                    seconds = common.time_call(timed(fn), env)
+                    dist.barrier()  # start together; the calls then run back to back, as nccl-tests times them
+                    seconds = common.time_call(fn, env)
                     if prof is not None:
                         common.traced_calls(env, fn, f"{op} bytes={count * dtype.itemsize} ranks={world}")
                     rows.append(common.constants(env, op, "NCCL" if env.cuda else "gloo")
