@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim.cost.offload import host_cpu, host_link, ssd_read_rate
+from moesim.cost.offload import expert_bytes, host_cpu, host_link, ssd_read_rate
 from moesim.dtypes import canonical_dtype
 from moesim.errors import InputError, MoesimError, UnknownNameError
 from moesim.hardware import catalog
@@ -36,6 +36,22 @@ def _popularity(ids: np.ndarray, experts: int) -> np.ndarray:
     layer = np.broadcast_to(np.arange(layers)[None, :, None], ids.shape)
     ok = ids >= 0
     return np.bincount(layer[ok] * experts + ids[ok], minlength=layers * experts).reshape(layers, experts).astype(np.float64)
+
+
+def _pinned(off, layers: int, experts: int, source: str) -> np.ndarray:
+    """``offload.pinned`` as a ``[layers, experts]`` mask, checked against the model."""
+    if off.residency != "static":
+        raise InputError(f"pinned lists the experts kept in HBM by residency: static, not {off.residency}", source=source,
+                         field="offload.pinned")
+    if len(off.pinned) != layers:
+        raise InputError(f"{len(off.pinned)} lists; the model has {layers} MoE layers", source=source, field="offload.pinned")
+    mask = np.zeros((layers, experts), dtype=bool)
+    for m, ids in enumerate(off.pinned):
+        if any(e >= experts for e in ids):
+            raise InputError(f"layer {m} lists expert {max(ids)}; a layer has {experts} experts", source=source,
+                             field=f"offload.pinned[{m}]")
+        mask[m, ids] = True
+    return mask
 
 
 def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, expert_dtype: str, kv_dtype: str,
@@ -103,10 +119,16 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
     popularity = _popularity(trace.ids, E)
     device = catalog.device(graph.nodes[device_name]["spec"].name)
     longest = int((reqs.prompt + reqs.output).max())
+    slots, cache_memory, pinned = off.cache_experts, off.cache_memory, None
+    if off.pinned is not None:  # explicit HBM experts (moesim plan offload): they size the slots
+        pinned = _pinned(off, M, E, source)
+        one = expert_bytes(arch.hidden, arch.moe.expert_inter, arch.moe.gated, expert_dtype)
+        # a hair above the bytes, so the tier plan's floor division gives back the count
+        slots, cache_memory = None, float(pinned.sum()) * one * (1 + 1e-12)
     tiers = plan_tiers(arch, dtype=dtype, expert_dtype=expert_dtype, kv_dtype=kv_dtype, low_dtype=low_dtype,
                        hbm_capacity=device.memory.capacity, memory_fraction=sched.kv_memory_fraction, reserve=off.reserve,
-                       host_capacity=node.host_memory * cluster.nodes, ssd_capacity=ssd_capacity, slots=off.cache_experts,
-                       cache_memory=off.cache_memory, prompt_tokens=sched.max_batched_tokens, block_size=sched.block_size,
+                       host_capacity=node.host_memory * cluster.nodes, ssd_capacity=ssd_capacity, slots=slots,
+                       cache_memory=cache_memory, prompt_tokens=sched.max_batched_tokens, block_size=sched.block_size,
                        longest_request=longest, popularity=popularity, source=source)
     if tiers.on_ssd.any() and ssd is None:
         raise InputError("the experts do not fit in host DRAM and the cluster has no SSD", source=source, field="cluster")
@@ -122,7 +144,8 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
 
     def fresh():
         src = make_source()
-        residency = RESIDENCY[off.residency](M, E, tiers.slots, popularity, scope=off.scope, budget=tiers.budget)
+        residency = RESIDENCY[off.residency](M, E, tiers.slots, popularity, scope=off.scope, budget=tiers.budget,
+                                             pinned=pinned)
         prefetch = PREFETCH[off.prefetch](layers=M, experts=E, top_k=k, popularity=popularity, top_n=off.top_n,
                                           accuracy=off.accuracy, seed=scn.routing.seed, trace=src.ids,
                                           profile_tokens=off.profile_tokens)

@@ -143,6 +143,9 @@ class Offload(_Strict):
     scope: Literal["layer", "global", "layers"] = Field("layer", description="static: the most popular experts of each "
                                                         "layer, of the whole model, or whole layers (llama.cpp --n-cpu-moe)")
     cache_experts: int | None = Field(None, ge=0, description="HBM expert slots per MoE layer")
+    pinned: list[list[Annotated[int, Field(ge=0)]]] | None = Field(
+        None, description="static: the experts kept in HBM, one list of expert ids per MoE layer (as moesim plan offload "
+                          "chooses them); sizes the expert slots instead of cache_experts / cache_memory")
     cache_memory: Annotated[float, BeforeValidator(bytes_)] | None = Field(
         None, ge=0, description="HBM for the expert slots, e.g. '8 GiB' (instead of cache_experts)")
     prefetch: str = Field("none", description="none, pregated, speculative, affinity or activation")

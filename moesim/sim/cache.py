@@ -164,16 +164,19 @@ class Static(Residency):
     """The most popular experts pinned: ``scope`` ``layer`` (the top ``capacity`` of each layer),
     ``global`` (the top ``budget`` (layer, expert) pairs of the model) or ``layers``
     (whole layers from the last one down, as llama.cpp's ``--n-cpu-moe N`` keeps the experts of
-    the first N layers on the CPU)."""
+    the first N layers on the CPU); or ``pinned``, a ``[layers, experts]`` mask chosen elsewhere
+    (the offload planner's lists), which replaces the popularity rule."""
 
     name = "static"
     dynamic = False
 
     def __init__(self, layers: int, experts: int, capacity: int, popularity: np.ndarray, *, scope: str = "layer",
-                 budget: int | None = None, **_):
+                 budget: int | None = None, pinned: np.ndarray | None = None, **_):
         super().__init__(layers, experts, capacity, popularity)
         budget = capacity * layers if budget is None else budget
-        if scope == "layer":
+        if pinned is not None:
+            self.resident[:] = pinned
+        elif scope == "layer":
             top = np.argsort(-popularity, axis=1, kind="stable")[:, :capacity]
             np.put_along_axis(self.resident, top, True, axis=1)
         elif scope == "global":
