@@ -2,7 +2,7 @@
 migration, and what the simulator then serves with the ILP's placement and with EPLB's.
 
     python validation/placement_compare.py [CASE ...] [--tokens 4096] [--requests 200] [--time-limit 60]
-        [--out docs/placement_compare.png] [--plans DIR]
+        [--out docs/placement_compare.png] [--plans DIR] [--figure-only]
 
 A CASE is ``MODEL:CLUSTER:GPUS:REDUNDANT`` (default: ``deepseek-v3:h100-2node:16:16`` and
 ``qwen3-30b-a3b:h100-2node:16:16``; DeepSeek-V3 at scale is ``deepseek-v3:h100-8node:64:64``).
@@ -106,11 +106,14 @@ def figure(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(len(cases), 2, figsize=(11, 4 * len(cases)), squeeze=False)
     for (left, right), case in zip(axes, cases):
         mine = [r for r in rows if r["case"] == case]
+        points: dict[tuple, list[str]] = {}  # methods landing on the same point share one label
         for r in mine:
-            left.scatter(r["inter_node_kb_per_token"], r["imbalance"], s=50)
-            left.annotate(r["method"], (r["inter_node_kb_per_token"], r["imbalance"]), textcoords="offset points", xytext=(5, 4),
-                          fontsize=8)
-        left.set_yscale("log")
+            points.setdefault((round(r["inter_node_kb_per_token"], 2), round(r["imbalance"], 4)), []).append(r["method"])
+        for i, ((x, y), names) in enumerate(sorted(points.items())):
+            left.scatter(x, y, s=50)
+            # neighbours' labels alternate above and below so close points stay readable
+            left.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 else -12), fontsize=8)
+        left.margins(x=0.25, y=0.12)
         left.set_xlabel("inter-node dispatch KB per token (all MoE layers)")
         left.set_ylabel("most loaded GPU / mean (mean over layers)")
         left.set_title(case, fontsize=10)
@@ -134,8 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=60.0, help="the ILP's seconds in all, per case")
     parser.add_argument("--out", default="docs/placement_compare.png")
     parser.add_argument("--plans", help="keep the scenarios and plan files here (default: a temporary folder)")
+    parser.add_argument("--figure-only", action="store_true", help="redraw the figure from the CSV beside --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.figure_only:
+        with open(out.with_suffix(".csv"), newline="") as f:
+            rows = [{k: (v if k in ("case", "method") else float(v) if v else None) for k, v in r.items()}
+                    for r in csv.DictReader(f)]
+        print(f"wrote {figure(rows, out)}")
+        return 0
     folder = Path(args.plans) if args.plans else Path(tempfile.mkdtemp(prefix="placement_compare-"))
     rows = []
     for case in args.cases:
