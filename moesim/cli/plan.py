@@ -7,9 +7,9 @@ every verb writes the same plan file (:mod:`moesim.plan.recommend`) with ``-o``,
 
 from __future__ import annotations
 
-from moesim.cli import plan_offload, plan_placement
+from moesim.cli import plan_layout, plan_offload, plan_placement
 
-_VERBS = (plan_placement, plan_offload)
+_VERBS = (plan_placement, plan_layout, plan_offload)
 
 
 def register(sub, formatter) -> None:
