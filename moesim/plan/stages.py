@@ -161,12 +161,12 @@ def solve_stages(problem: StageProblem, *, time_limit: float = 10.0) -> StagePar
     t_unit = max(float(t.max()), problem.last_time, problem.first_time, problem.hop_time, 1e-12)
     m_unit = max(float(m.max()), 1.0)
     lp = pulp.LpProblem("pipeline_stages", pulp.LpMinimize)
-    z = {(l, s): pulp.LpVariable(f"z_{l}_{s}", cat="Binary") for l in range(L) for s in range(S - 1)}
+    z = {(l, s): lp.add_variable(f"z_{l}_{s}", cat="Binary") for l in range(L) for s in range(S - 1)}
 
     def Z(l: int, s: int):
         return 0 if s < 0 else (1 if s == S - 1 else z[l, s])
 
-    T = pulp.LpVariable("slowest", lowBound=0)
+    T = lp.add_variable("slowest", lowBound=0)
     lp += T
     lp += z[0, 0] == 1  # the first layer opens the first stage
     lp += z[L - 1, S - 2] == 0  # and the last closes the last
