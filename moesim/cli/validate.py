@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from datetime import date
@@ -178,16 +179,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predictions_csv(cases: list[Cases]) -> str:
+    """Every compared row: family, table, regime, swept size, measured and predicted seconds."""
+    lines = ["family,table,regime,size,measured_s,predicted_s"]
+    for c in cases:
+        for regime, size, measured, predicted in zip(c.regime, c.size, c.measured, c.predicted):
+            lines.append(f"{c.family},{c.table},{regime.replace(',', ';')},{size:g},{measured:.6e},{predicted:.6e}")
+    return "\n".join(lines) + "\n"
+
+
 def _write_outputs(out: Path, result: dict, cases: list[Cases], name: str) -> None:
     series = _series(cases)
     atomic_write(out / "errors.json", json.dumps(result, indent=2, default=float) + "\n")
+    atomic_write(out / "predictions.csv.gz", gzip.compress(_predictions_csv(cases).encode(), mtime=0))
     figures.scatter(series, out / f"{name}-scatter.png", title=f"{name}: predicted vs measured (test split)")
     figures.error_vs_size(series, out / f"{name}-error-vs-size.png", title=f"{name}: error against size (test split)")
     lines = result.get("fit", {}).get("errors") if result.get("fit", {}).get("fitted_is_better") else None
     body = figures.error_table_markdown(lines or result["profile"]["errors"])
     atomic_write(out / "report.md", f"# {name}: cost model against measured timings\n\n{body}\n\n"
                  f"![scatter]({name}-scatter.png)\n\n![error vs size]({name}-error-vs-size.png)\n")
-    print(f"wrote {out}/errors.json, report.md and figures", file=sys.stderr)
+    print(f"wrote {out}/errors.json, predictions.csv.gz, report.md and figures", file=sys.stderr)
+
+
+def _verdict(lines: list[dict]) -> str:
+    met = [line["family"] for line in lines if line["regime"] == "all" and line["met"] is True]
+    missed = [line["family"] for line in lines if line["regime"] == "all" and line["met"] is False]
+    return (f"Targets met: {', '.join(met) or 'none'}. Not met: {', '.join(missed) or 'none'}. Families without a "
+            "target are shown for information.")
+
+
+def _fit_lines(result: dict) -> list[str]:
+    fit = result.get("fit")
+    if not fit:
+        return []
+    rows = sum(fit["rows"].values())
+    return ["", f"Calibration (`--fit`): {len(fit['figures'])} efficiency figures fitted on {rows} calibration rows "
+            f"(loss {fit['loss_before']:.3f} -> {fit['loss_after']:.3f}); test score, the mean over target families "
+            f"of (median + p90) / 2: hand-set {fit['test_score_hand_set']:.1%}, fitted {fit['test_score_fitted']:.1%}, "
+            f"so the {'fitted' if fit['fitted_is_better'] else 'hand-set'} figures are the ones above."]
 
 
 def _write_markdown(path: Path, result: dict, cases: list[Cases], args) -> None:
@@ -207,7 +236,7 @@ def _write_markdown(path: Path, result: dict, cases: list[Cases], args) -> None:
             f"shapes) predicted by the cost model with the {'fitted' if fitted else 'current'} `{name}` profile and "
             f"compared with the time measured on {', '.join(result['measured_on']) or 'the device'}. Error is "
             "|predicted - measured| / measured; bias is the median of predicted / measured - 1 (> 0: the model is slow).",
-            "", figures.error_table_markdown(lines), "",
+            "", figures.error_table_markdown(lines), "", _verdict(lines), *_fit_lines(result), "",
             f"![predicted vs measured]({scatter.name})", "", f"![error against size]({errors.name})"]
     text = path.read_text() if path.is_file() else "# Validation\n"
     atomic_write(path, figures.replace_section(text, BEGIN, END, "\n".join(body), HEADING))
