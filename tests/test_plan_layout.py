@@ -240,10 +240,10 @@ def test_cli_plan_is_byte_identical_across_runs_and_applies(scenario, tmp_path, 
 
 def test_pipeline_candidates_are_marked_not_simulated(scenario, mixtral, dgx):
     cluster, device = dgx
-    c = LayoutSearch(mixtral, cluster, device, Shape(prompt=512, output=32)).evaluate(
-        make_layout(mixtral, tp=2, pp=2), "none", 8)
+    shape = Shape(prompt=512, output=32)
+    c = LayoutSearch(mixtral, cluster, device, shape).evaluate(make_layout(mixtral, tp=2, pp=2), "none", 8)
     scn, path = load_scenario(str(scenario))
-    assert _verify(scn, path, c, 8) == {"status": NOT_SIMULATED_PP}
+    assert _verify(scn, path, c, 8, shape) == {"status": NOT_SIMULATED_PP}
 
 
 @pytest.mark.parametrize("extra,field", [

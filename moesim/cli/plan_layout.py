@@ -18,7 +18,7 @@ from moesim.models import load_model
 from moesim.plan.layout import Candidate, Engine, LayoutSearch, Shape, Targets, explain_infeasible
 from moesim.plan.recommend import Recommendation, fingerprint, write_plan
 from moesim.scenario.build import build
-from moesim.scenario.schema import Parallel, load_scenario
+from moesim.scenario.schema import Parallel, WorkloadSpec, load_scenario
 
 NOT_SIMULATED_PP = "not verified (no PP in the simulator)"
 
@@ -39,8 +39,9 @@ def register(verbs, formatter) -> None:
     p.add_argument("--tpot-slo", help="time-per-output-token target, e.g. 50ms or 0.05 (seconds)")
     p.add_argument("--top", type=int, default=10, help="rows of the ranked table (default 10)")
     p.add_argument("--verify", type=int, default=3, help="simulate the best K candidates (default 3; 0: none)")
-    p.add_argument("--verify-requests", type=int, default=64,
-                   help="requests of the scenario's workload each verification serves (default 64)")
+    p.add_argument("--verify-requests", type=int, default=1024,
+                   help="at most this many requests per verification (default 1024); each serves one full batch of "
+                        "the candidate (max_running x DP requests at once, lengths as the scenario's workload)")
     p.add_argument("--price-per-device-hour", type=float, metavar="USD",
                    help="$ per device-hour (default: the device profile's on-demand list price)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (YAML)")
@@ -65,8 +66,10 @@ def _target(text: str | None, option: str) -> float | None:
 
 
 def _layout(args) -> int:
-    for option in ("top", "verify", "verify_requests"):
+    for option in ("top", "verify"):
         _positive(getattr(args, option), "--" + option.replace("_", "-"))
+    if args.verify_requests < 1:
+        raise InputError(f"must be a positive number of requests, got {args.verify_requests}", field="--verify-requests")
     if args.price_per_device_hour is not None and not args.price_per_device_hour >= 0:
         raise InputError(f"must be >= 0, got {args.price_per_device_hour}", field="--price-per-device-hour")
     targets = Targets(ttft=_target(args.ttft_slo, "--ttft-slo"), tpot=_target(args.tpot_slo, "--tpot-slo"))
@@ -111,7 +114,7 @@ def _layout(args) -> int:
         raise explain_infeasible(result, arch, cluster.name, devices, targets)
     ranked = result.ranked
     for c in ranked[: args.verify]:
-        c.verified = _verify(scn, path, c, args.verify_requests)
+        c.verified = _verify(scn, path, c, args.verify_requests, shape)
     _print(scn.name, ranked[: max(args.top, args.verify)], devices, targets)
     rec = _recommendation(scn, arch, cluster, shape, engine, targets, devices, search, result, args)
     write_plan(args.output, rec)
@@ -123,23 +126,28 @@ def _layout(args) -> int:
     return 0
 
 
-def _verify(scn, path, c: Candidate, requests: int) -> dict:
-    """Serve the scenario's first ``requests`` requests with the candidate's layout and
-    scheduler in the simulator; its figures, or why it was not simulated."""
+def _verify(scn, path, c: Candidate, limit: int, shape: Shape) -> dict:
+    """Serve one full batch of the candidate (its ``max_running`` x DP sequences, at most
+    ``limit``, all present at once, lengths drawn as the scenario's workload draws them: the
+    steady full batch the cost model's throughput describes) with its layout and scheduler in
+    the simulator; its figures, or why it was not simulated."""
     if c.layout.pp > 1:
         return {"status": NOT_SIMULATED_PP}
-    if requests == 0:
-        return {"status": "not verified (--verify-requests 0)"}
     lay = c.layout
+    wl = scn.workload
+    n = min(c.max_running * lay.dp, limit, shape.batch or limit)
+    if wl.arrivals != "batch":
+        prompt, output = (wl.prompt, wl.output) if wl.arrivals != "trace" else (shape.prompt, shape.output)
+        wl = WorkloadSpec(arrivals="batch", batch=n, prompt=prompt, output=output)
     candidate = scn.model_copy(update={
         "parallel": Parallel(tp=lay.tp, ep=lay.ep, dp=lay.dp, pp=lay.pp, expert_tp=lay.expert_tp),
         "scheduler": scn.scheduler.model_copy(update={"max_running": c.max_running,
                                                       "max_batched_tokens": c.max_batched_tokens}),
         "policies": scn.policies.model_copy(update={"overlap": c.overlap}),
-        "disaggregation": None, "plan": None,
+        "workload": wl, "disaggregation": None, "plan": None,
     })
     try:
-        _, m = build(candidate, path, requests=requests).run()
+        _, m = build(candidate, path, requests=n).run()
     except MoesimError as exc:
         return {"status": f"not verified ({exc.message})"}
     lat, tput = m["latency_s"], m["throughput"]
