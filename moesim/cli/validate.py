@@ -46,7 +46,7 @@ def register(sub, formatter) -> None:
     p.add_argument("--efficiency-from", metavar="DEVICE", help="carry another profile's efficiency figures and launch "
                    "overhead over (cross-device prediction: --device's spec sheet, this device's calibration)")
     p.add_argument("--cluster", help="cluster profile for the collectives (default: the catalog's node of --device)")
-    p.add_argument("--only", metavar="FAMILIES", help=f"comma-separated table families ({', '.join(f.name for f in FAMILIES)})")
+    p.add_argument("--only", metavar="FAMILIES", help=f"comma-separated table families ({', '.join(f.name for f in FAMILIES)}); default: all")
     p.add_argument("--fit", action="store_true", help="fit the efficiency figures on the calibration split first")
     p.add_argument("--out", metavar="DIR", help="write errors.json, report.md, figures (and the calibrated profile)")
     p.add_argument("--markdown", metavar="FILE", help="replace the validate section of FILE (e.g. docs/validation.md), "
@@ -60,7 +60,7 @@ def register(sub, formatter) -> None:
 
 def _families(only: str | None) -> set[str] | None:
     if not only:
-        return None
+        return {f.name for f in FAMILIES}
     names = {n.strip() for n in only.split(",") if n.strip()}
     known = {f.name for f in FAMILIES}
     unknown = sorted(names - known)
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.measured:
         raise InputError("give --measured DIR (or --replay TRACE.json)", field="--measured")
     wanted = _families(args.only)
-    tables = [t for t in read_folder(args.measured) if wanted is None or t.family.name in wanted]
+    tables = [t for t in read_folder(args.measured) if t.family.name in wanted]
     if not tables:
         raise InputError("no table of the families asked for in this folder", source=args.measured)
     device = calibrate.load_device(args.device)

@@ -130,15 +130,15 @@ def predict_moe(table: Table, device, graph=None, *, draws: int = 3, counts_cach
 
 def predict_moe_deepep(table: Table, device, graph=None, *, draws: int = 3, counts_cache: dict | None = None) -> list[Cases]:
     """SGLang DeepEP MoE expert compute: the rank computes the slots of its own experts only.
-    ``num_tokens`` is read as the tokens each rank dispatches, so the rank's experts receive
-    ``num_tokens * top_k`` slots (the whole EP group's ``ep * num_tokens`` tokens routed, its
-    ``1 / ep`` share)."""
+    ``num_tokens`` is read as the tokens of the whole EP group, routed over all experts, of
+    which rank 0 computes its experts' share (the reading that matches the decode table; taken
+    as tokens per rank, the prediction is 3-15x too slow)."""
     tokens, ep = _ints(table, "num_tokens"), _ints(table, "moe_ep_size")
     hidden, inter, k, experts = (int(table.get(c)[0]) for c in ("hidden_size", "inter_size", "topk", "num_experts"))
     dist, dtype = _texts(table, "distribution"), _texts(table, "moe_dtype")
     predicted = np.empty(len(table))
     for i in range(len(table)):
-        group = int(tokens[i] * ep[i])
+        group = int(tokens[i])
         n = 1 if dist[i] in ("balanced", "uniform") else draws
         times = []
         for draw in range(n):
@@ -149,7 +149,7 @@ def predict_moe_deepep(table: Table, device, graph=None, *, draws: int = 3, coun
         predicted[i] = np.mean(times)
     phase = "prefill" if "context" in table.name else "decode"
     regime = np.array([f"{phase}, {_moe_regime(d, int(e), 1).split(',')[0]}" for d, e in zip(dist, ep)])
-    return [Cases("MoE layer (DeepEP experts)", table.name, regime, tokens.astype(float), "tokens per rank",
+    return [Cases("MoE layer (DeepEP experts)", table.name, regime, tokens.astype(float), "tokens (EP group)",
                   table.seconds["latency"], predicted)]
 
 

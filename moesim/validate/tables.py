@@ -185,13 +185,14 @@ def recognise(name: str, columns: set[str]) -> Family | None:
 
 def read_table(path: str | Path, *, family: str | None = None, constants: dict[str, str] | None = None) -> Table:
     """Read one table file. Its family is recognised from the file name and columns unless
-    ``family`` names it; ``constants`` are columns dropped from the file (tables.json)."""
+    ``family`` names it; ``constants`` are columns dropped from the file (by default those the
+    ``tables.json`` beside it lists)."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", source=str(path))
     raw = _read_parquet(path) if path.name.endswith(".parquet") else _read_csv(path)
     name = table_name(path)
-    constants = dict(constants or {})
+    constants = dict(_constants(path.parent).get(name, {}) if constants is None else constants)
     present = set(raw) | set(constants)
     if family is not None:
         if family not in _BY_NAME:
