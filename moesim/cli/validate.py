@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     cases = predict(tests, device, cluster=args.cluster)
     result = {"measured": str(args.measured), "measured_on": measured_on, "device": device.name,
               "efficiency_from": args.efficiency_from, "test_fraction": args.test_fraction,
-              "profile": {"name": "hand-set" if not args.efficiency_from else f"efficiency of {args.efficiency_from}",
+              "profile": {"name": "current" if not args.efficiency_from else f"efficiency of {args.efficiency_from}",
                           "errors": [s.to_dict() for s in summarise(cases)]}}
     final = cases
     if args.fit:
@@ -152,10 +152,10 @@ def run(args: argparse.Namespace) -> int:
         profile = Path(args.out) / f"{base.name}-calibrated.yaml"
         source = {"folder": str(args.measured), "commit": calibrate.shared_commit(Path(args.measured)),
                   "test_fraction": args.test_fraction, **record,
-                  "test_errors": [f"{s.family}: median {s.median:.1%}, p90 {s.p90:.1%} (hand-set {h.median:.1%}, {h.p90:.1%})"
+                  "test_errors": [f"{s.family}: median {s.median:.1%}, p90 {s.p90:.1%} (before {h.median:.1%}, {h.p90:.1%})"
                                   for s, h in zip(summarise(fitted_cases), summarise(cases)) if s.regime == "all"]}
         calibrate.write_profile(fitted, profile, base_name=base.name, source=source)
-        result["fit"] = {**record, "profile_path": str(profile), "test_score_hand_set": before, "test_score_fitted": after,
+        result["fit"] = {**record, "profile_path": str(profile), "test_score_before": before, "test_score_fitted": after,
                          "fitted_is_better": better, "errors": [s.to_dict() for s in summarise(fitted_cases)]}
         if better:
             final = fitted_cases
@@ -167,9 +167,9 @@ def run(args: argparse.Namespace) -> int:
         if args.fit:
             fit = result["fit"]
             _print(f"fitted profile ({fit['profile_path']}): test split", fit["errors"])
-            console.print(f"test score (mean of target families' (median + p90) / 2): hand-set {fit['test_score_hand_set']:.1%}, "
+            console.print(f"test score (mean of target families' (median + p90) / 2): current {fit['test_score_before']:.1%}, "
                           f"fitted {fit['test_score_fitted']:.1%}: "
-                          f"{'the fitted figures are better' if fit['fitted_is_better'] else 'the hand-set figures stay'}")
+                          f"{'the fitted figures are better' if fit['fitted_is_better'] else 'the current figures stay'}")
         if measured_on and not any(_same_gpu(m, device.full_name) for m in measured_on):
             console.print(f"[yellow]note[/]: the tables were measured on {', '.join(measured_on)}, not {device.full_name}")
     if args.out:
@@ -215,8 +215,8 @@ def _fit_lines(result: dict) -> list[str]:
     rows = sum(fit["rows"].values())
     return ["", f"Calibration (`--fit`): {len(fit['figures'])} efficiency figures fitted on {rows} calibration rows "
             f"(loss {fit['loss_before']:.3f} -> {fit['loss_after']:.3f}); test score, the mean over target families "
-            f"of (median + p90) / 2: hand-set {fit['test_score_hand_set']:.1%}, fitted {fit['test_score_fitted']:.1%}, "
-            f"so the {'fitted' if fit['fitted_is_better'] else 'hand-set'} figures are the ones above."]
+            f"of (median + p90) / 2: current {fit['test_score_before']:.1%}, fitted {fit['test_score_fitted']:.1%}, "
+            f"so the {'fitted' if fit['fitted_is_better'] else 'current'} figures are the ones above."]
 
 
 def _write_markdown(path: Path, result: dict, cases: list[Cases], args) -> None:

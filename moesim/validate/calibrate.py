@@ -325,7 +325,7 @@ def write_profile(device, path: str | Path, *, base_name: str, source: dict) -> 
     ``MOESIM_HWPROFILES``)."""
     data = _profile_data(device)
     lines = [f"# {device.full_name}: efficiency figures calibrated by `moesim validate --fit` from measured tables.",
-             f"# Base profile: {base_name} (hand-set figures and spec-sheet numbers, sources in its comments).",
+             f"# Base profile: {base_name} (its other numbers and their sources are there).",
              f"# Measured data: {source.get('folder', '')}",
              f"#   upstream commit {source.get('commit') or 'unknown'} (ai-dynamo/aiconfigurator tables)",
              f"#   calibration split: shapes whose hash is >= {source.get('test_fraction', TEST_FRACTION)} "
