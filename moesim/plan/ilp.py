@@ -1,5 +1,5 @@
-"""The placement MILP: experts and replicas onto nodes and GPUs, weighing balance, inter-node
-traffic and migration (solved with HiGHS through highspy).
+"""The placement MILP: experts and replicas onto nodes and GPUs, as balanced as the better of
+EPLB's two plans, with less inter-node traffic and migration (HiGHS through highspy).
 
 Decomposed per layer, then node before GPU, as large EP placements are in practice (the full
 GPU-level model of DeepSeek-V3 has ~18,000 binaries a layer):
@@ -7,22 +7,28 @@ GPU-level model of DeepSeek-V3 has ~18,000 binaries a layer):
 1. **Node stage, a MILP per layer.** Integer ``a[e, n]`` replicas of expert ``e`` on node ``n``
    (at most one per GPU), binary ``h[e, n]`` (``e`` present on ``n``), continuous ``y[e, n]``
    tokens of ``e`` served on ``n`` (an expert's tokens split freely over the nodes that hold
-   it), ``U`` the node load per GPU, and ``w[p, n]`` for the most co-activated expert pairs
-   ``p = (e, f)`` (1 when both sit on ``n``). Constraints: every expert placed, every node's
-   slots filled, ``y`` only where held, each replica at most EPLB's straggler load, node load
-   per GPU ``<= U <=`` EPLB's straggler.
-   Objective, each term in its own unit and weighted: ``U`` over the mean GPU load
-   (``balance``), minus co-activated pairs kept on one node per token (each saves the token a
-   trip to one more node: ``traffic``), minus expert-node pairs kept from the current placement
-   per expert (``migration``). The better balanced of EPLB's two plans is the warm start and
-   sets the bound; each layer gets an equal share of the time limit.
-2. **GPU stage, per node.** The node's replicas, each an equal share of its node's tokens of the
-   expert, packed onto the node's GPUs heaviest first (EPLB's balanced packing). A layer whose
-   packed straggler comes out above EPLB's keeps EPLB's placement, so the plan is never less
-   balanced than EPLB's, layer by layer.
+   it). Hard: every expert placed and its tokens served, every node's slots filled, a replica
+   no heavier than the better EPLB plan's straggler ``cap``, each node's load within
+   ``gpus_per_node * (mean + slack * (cap - mean))`` (the rest of EPLB's excess is left to the
+   GPU stage). Objective: inter-node traffic, plus migration. With routing groups
+   (group-limited routing, DeepSeek-V3) traffic is ``sum z[g, n] * P(token picks g)``, with
+   ``z[g, n] >= h[e, n]`` for the experts of group ``g``: a token reaches every node its chosen
+   groups are spread over. Without groups it is minus the most co-activated pairs kept on one
+   node (``w[p, n] <= h[e, n], h[f, n]``) per token. Migration: minus expert-node pairs kept
+   from the current placement, per expert. A cut (a group spans at least as many nodes as its
+   load needs node capacities) lifts the LP bound. The start keeps groups whole (groups packed
+   onto nodes, tokens of overloaded nodes moved to replicas on the lightest ones); without
+   groups it is EPLB's plan. Each expert may sit only where a start puts it or on the
+   ``candidates`` least-loaded nodes, so presolve shrinks the model to what one second solves.
+2. **GPU stage, per node.** Replicas packed heaviest first onto the node's GPUs (never two of an
+   expert on one GPU), then an LP splits each expert's tokens over all its replicas in the layer
+   to minimise the most loaded GPU; when that straggler is above ``cap``, a small MILP per node
+   (replica-to-GPU binaries, tokens, the node's straggler minimised) replaces the packing. A
+   layer whose straggler still comes out above ``cap`` keeps EPLB's placement, so the plan is
+   never less balanced than EPLB's, layer by layer.
 
-The solver's status, objective, best bound and relative gap are kept per layer; the plan reports
-the sums and the worst gap.
+The node stage's status, objective, best bound and relative gap are kept per layer; the plan
+reports the sums and the worst gap. The time limit is shared out over the layers as it goes.
 """
 
 from __future__ import annotations
@@ -52,22 +58,24 @@ def coactivation_pairs(trace_layer: np.ndarray, experts: int, most: int) -> tupl
 
 
 class Ilp:
-    """The placement MILP (see the module docstring). ``balance``, ``traffic`` and ``migration``
-    weigh the objective's terms; ``pairs`` co-activated pairs a layer enter the model;
+    """The placement MILP (see the module docstring). ``traffic`` and ``migration`` weigh the
+    objective's terms; ``pairs`` co-activated pairs a layer enter the model when the experts
+    have no routing groups; ``slack`` is the share of the better EPLB plan's excess load (its
+    straggler over the mean) the node stage may use, the rest kept for packing onto GPUs;
     ``time_limit`` seconds in all."""
 
     name = "ilp"
 
-    def __init__(self, balance: float = 1.0, traffic: float = 1.0, migration: float = 0.1, pairs: int = 64,
-                 time_limit: float = 45.0, seed: int = 0):
-        self.balance, self.traffic, self.migration = balance, traffic, migration
-        self.pairs, self.time_limit, self.seed = pairs, time_limit, seed
+    def __init__(self, traffic: float = 1.0, migration: float = 0.1, pairs: int = 64, slack: float = 0.3,
+                 candidates: int = 2, time_limit: float = 45.0, seed: int = 0):
+        self.traffic, self.migration, self.pairs, self.slack = traffic, migration, pairs, slack
+        self.candidates = candidates
+        self.time_limit, self.seed = time_limit, seed
 
     def plan(self, problem: PlacementProblem) -> PlacementPlan:
         start = time.perf_counter()
         warm = _best_eplb(problem)
         L, N = problem.layers, problem.nodes
-        gpn, per = problem.gpus // N, problem.slots_per_gpu
         node = node_of_slot(problem)
         phy2log = np.empty_like(warm.phy2log)
         weight = np.empty(warm.phy2log.shape)
@@ -75,28 +83,31 @@ class Ilp:
         for layer in range(L):
             left = self.time_limit - (time.perf_counter() - start)
             budget = max(left / (L - layer), 0.05)
-            replicas, share, info = self._node_stage(problem, layer, warm, node, budget)
+            load = problem.loads[layer]
+            warm_gpu = (load[warm.phy2log[layer]] * warm.weight[layer]).reshape(problem.gpus, -1).sum(axis=1)
+            cap = warm_gpu.max() * (1 + 1e-9)
+            replicas, share, info = self._node_stage(problem, layer, warm, node, cap, 0.4 * budget)
             layers.append(info)
-            row = []
-            for n in range(N):
-                held = np.flatnonzero(replicas[n])
-                items = np.repeat(held, replicas[n, held])
-                load = np.repeat(share[n, held] / replicas[n, held], replicas[n, held])
-                gpu, position = balanced_packing(load[None, :], gpn)
-                slot = (gpu[0] * per + position[0])
-                ordered = np.empty_like(items)
-                ordered[slot] = items
-                row.append(ordered)
-            candidate = np.concatenate(row)
-            candidate_weight = split_tokens(problem.loads[layer], candidate, problem.gpus)
-            straggler = (problem.loads[layer][candidate] * candidate_weight).reshape(problem.gpus, -1).sum(axis=1).max()
-            warm_straggler = (problem.loads[layer][warm.phy2log[layer]] * warm.weight[layer]).reshape(problem.gpus, -1).sum(axis=1).max()
-            if straggler > warm_straggler * (1 + 1e-9):
+            candidate, candidate_weight, straggler = None, None, np.inf
+            if replicas is not None:
+                deadline = time.perf_counter() + 0.6 * budget
+                for exact in (False, True):  # packing, then the small MILPs when packing was not enough
+                    rows = [_gpu_stage(replicas[n], share[n], problem.gpus // N, problem.slots_per_gpu, cap,
+                                       max(deadline - time.perf_counter(), 0.01) / (N - n), self.seed, exact)
+                            for n in range(N)]
+                    if any(r is None for r in rows):
+                        continue
+                    candidate = np.concatenate(rows)
+                    candidate_weight = split_tokens(load, candidate, problem.gpus)
+                    straggler = (load[candidate] * candidate_weight).reshape(problem.gpus, -1).sum(axis=1).max()
+                    if straggler <= cap:
+                        break
+            if straggler > cap:
                 candidate, candidate_weight = warm.phy2log[layer], warm.weight[layer]
                 info["kept_eplb"] = True
             phy2log[layer], weight[layer] = candidate, candidate_weight
         solver = {
-            "solver": f"HiGHS {highspy.Highs().version()}" if hasattr(highspy.Highs, "version") else "HiGHS",
+            "solver": "HiGHS",
             "status": sorted({info["status"] for info in layers}),
             "objective": float(sum(info["objective"] for info in layers)),
             "bound": float(sum(info["bound"] for info in layers)),
@@ -107,75 +118,191 @@ class Ilp:
         solver["gap"] = _gap(solver["objective"], solver["bound"])
         return PlacementPlan(self.name, phy2log, weight, solver)
 
-    def _node_stage(self, problem: PlacementProblem, layer: int, warm: PlacementPlan, node: np.ndarray, budget: float):
+    def _node_stage(self, problem: PlacementProblem, layer: int, warm: PlacementPlan, node: np.ndarray, cap: float,
+                    budget: float):
+        """Replicas ``[nodes, experts]`` and tokens ``[nodes, experts]`` of one layer, or
+        ``None`` when no placement within the loads allowed was found in time."""
         E, N, gpn = problem.experts, problem.nodes, problem.gpus // problem.nodes
         S = problem.slots // N
         load = problem.loads[layer]
-        mean_gpu = max(load.sum() / problem.gpus, 1e-300)
-        # EPLB's straggler bounds every replica and every node: the result is never less balanced
-        warm_gpu = (load[warm.phy2log[layer]] * warm.weight[layer]).reshape(problem.gpus, -1).sum(axis=1)
-        cap = warm_gpu.max() * (1 + 1e-9)
-        if problem.trace is not None and self.traffic > 0:
-            pairs, together = coactivation_pairs(problem.trace[:, layer, :], E, self.pairs)
-        else:
-            pairs, together = np.zeros((0, 2), dtype=np.int64), np.zeros(0)
-        P = len(pairs)
-        EN = E * N
-        ia, ih, iy, iu, iw = 0, EN, 2 * EN, 3 * EN, 3 * EN + 1  # column blocks
-        ncol = iw + P * N
-        cost = np.zeros(ncol)
-        cost[iu] = self.balance / mean_gpu
+        mean_gpu = load.sum() / problem.gpus
+        node_cap = gpn * (mean_gpu + self.slack * max(cap - mean_gpu, 0.0))
         tokens = problem.trace.shape[0] if problem.trace is not None else 1
-        if P:
-            cost[iw:] = -self.traffic * np.repeat(together, N) / tokens
+        EN = E * N
+        ia, ih, iy, iz = 0, EN, 2 * EN, 3 * EN  # column blocks
+        rows = _Rows()
+        if problem.groups > 1:
+            # z[g, n] = 1 when any expert of group g sits on node n: a token that chose group g
+            # reaches every node the group is spread over, so each such pair costs the share of
+            # tokens that choose g
+            G, size = problem.groups, E // problem.groups
+            spread = np.ones(G * N)
+            if problem.trace is not None:
+                ids = problem.trace[:, layer, :].astype(np.int64)
+                chose = np.zeros((ids.shape[0], G), dtype=bool)
+                rows_of = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
+                keep = ids.ravel() >= 0
+                chose[rows_of[keep], ids.ravel()[keep] // size] = True
+                spread = np.repeat(chose.mean(axis=0), N)
+            extra = G * N
+            cell = np.arange(EN)
+            g_of = cell // N // size
+            rows.add_each(np.stack([ih + cell, iz + g_of * N + cell % N], 1), np.tile([1.0, -1.0], (EN, 1)), -np.inf, 0.0)  # h <= z
+            traffic_cost = self.traffic * spread
+            # valid cuts that lift the LP bound: a group spans at least as many nodes as its load
+            # needs node caps
+            need = np.maximum(np.ceil(load.reshape(G, size).sum(axis=1) / node_cap - 1e-9), 1.0)
+            for g in range(G):
+                rows.add(iz + g * N + np.arange(N), np.ones(N), need[g], np.inf)
+        else:
+            pairs, together = (coactivation_pairs(problem.trace[:, layer, :], E, self.pairs) if problem.trace is not None
+                               else (np.zeros((0, 2), dtype=np.int64), np.zeros(0)))
+            P = len(pairs)
+            extra = P * N
+            pn = np.arange(extra)
+            for side in (0, 1):  # w[p, n] <= h[e, n] for both experts of the pair
+                rows.add_each(np.stack([iz + pn, ih + pairs[pn // N, side] * N + pn % N], 1), np.tile([1.0, -1.0], (extra, 1)),
+                              -np.inf, 0.0)
+            traffic_cost = -self.traffic * np.repeat(together, N) / tokens
+        ncol = iz + extra
+        cost = np.zeros(ncol)
+        cost[iz:] = traffic_cost
         if problem.current is not None and self.migration > 0:
             kept = np.zeros((E, N))
             kept[np.asarray(problem.current)[layer], node] = 1.0
             cost[ih:ih + EN] -= self.migration * kept.ravel() / E
         lower = np.zeros(ncol)
-        upper = np.concatenate([np.full(EN, float(gpn)), np.ones(EN), np.repeat(load, N), [cap], np.ones(P * N)])
-        rows = _Rows()
+        upper = np.concatenate([np.full(EN, float(gpn)), np.ones(EN), np.repeat(load, N), np.ones(extra)])
+        grouped = _grouped_start(problem, layer, cap, node_cap) if problem.groups > 1 else None
+        if self.candidates:
+            # each expert may sit only on the nodes where a start has it, or on the ``candidates``
+            # nodes the starts leave least loaded: presolve drops the rest, which makes DeepSeek-V3
+            # layers solvable in about a second
+            allowed = np.zeros((E, N), dtype=bool)
+            allowed[warm.phy2log[layer], node] = True
+            start_tokens = np.zeros((E, N))
+            np.add.at(start_tokens, (warm.phy2log[layer], node), load[warm.phy2log[layer]] * warm.weight[layer])
+            if grouped is not None:
+                allowed |= grouped[0] > 0
+                start_tokens = grouped[1]
+            allowed[:, np.argsort(start_tokens.sum(axis=0), kind="stable")[: self.candidates]] = True
+            for block in (ia, ih, iy):
+                upper[block:block + EN] *= allowed.ravel()
         e_of = np.repeat(np.arange(E), N)
         cell = np.arange(EN)
         for e in range(E):  # every expert placed; its tokens all served
             rows.add(ia + e * N + np.arange(N), np.ones(N), 1.0, np.inf)
             rows.add(iy + e * N + np.arange(N), np.ones(N), load[e], load[e])
-        for n in range(N):  # slots filled; node load per GPU under U
+        for n in range(N):  # slots filled; node load within the cap
             rows.add(ia + np.arange(E) * N + n, np.ones(E), S, S)
-            rows.add(np.concatenate([iy + np.arange(E) * N + n, [iu]]), np.concatenate([np.ones(E), [-gpn]]), -np.inf, 0.0)
+            rows.add(iy + np.arange(E) * N + n, np.ones(E), -np.inf, node_cap)
         rows.add_each(np.stack([ih + cell, ia + cell], 1), np.tile([1.0, -1.0], (EN, 1)), -np.inf, 0.0)  # h <= a
         rows.add_each(np.stack([ia + cell, ih + cell], 1), np.tile([1.0, -float(gpn)], (EN, 1)), -np.inf, 0.0)  # a <= gpn h
         rows.add_each(np.stack([iy + cell, ih + cell], 1), np.stack([np.ones(EN), -load[e_of]], 1), -np.inf, 0.0)  # y only where held
-        rows.add_each(np.stack([iy + cell, ia + cell], 1), np.tile([1.0, -cap], (EN, 1)), -np.inf, 0.0)  # replica <= cap
-        if P:
-            pn = np.arange(P * N)
-            p_of, n_p = pn // N, pn % N
-            for side in (0, 1):
-                rows.add_each(np.stack([iw + pn, ih + pairs[p_of, side] * N + n_p], 1), np.tile([1.0, -1.0], (P * N, 1)), -np.inf, 0.0)
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
-        h.setOptionValue("time_limit", float(budget))
-        h.setOptionValue("random_seed", self.seed)
-        h.setOptionValue("threads", 1)
+        rows.add_each(np.stack([iy + cell, ia + cell], 1), np.tile([1.0, -cap], (EN, 1)), -np.inf, 0.0)  # a replica fits a GPU
+        h = _highs(budget, self.seed)
         h.addCols(ncol, cost, lower, upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
         rows.load(h)
         integer = np.zeros(ncol, dtype=np.int32)
-        integer[: 2 * EN] = 1  # a integer, h binary (bounds 0..1)
+        integer[: 2 * EN] = 1  # a integer, h binary (bounds 0..1); z, w take 0 / 1 at the optimum
         h.changeColsIntegrality(ncol, np.arange(ncol, dtype=np.int32), integer)
-        start = _warm_start(problem, layer, warm, node, ncol, pairs, (ia, ih, iy, iu, iw), gpn)
-        h.setSolution(start)
+        blocks = (ia, ih, iy, iz)
+        # HiGHS keeps one start: the group-keeping one when there is one (EPLB's spreads groups)
+        h.setSolution(_start(problem, *grouped, ncol, blocks, True) if grouped is not None
+                      else _warm_start(problem, layer, warm, node, ncol, blocks, problem.groups > 1))
         h.run()
         status = h.modelStatusToString(h.getModelStatus())
-        values = np.asarray(h.getSolution().col_value)
         info = h.getInfo()
-        has_solution = values.size == ncol and info.primal_solution_status == 2
-        if not has_solution:  # the time ran out before the warm start was accepted: keep EPLB's
-            values = np.asarray(start.col_value)
+        if info.primal_solution_status != 2:
+            return None, None, {"status": status, "objective": np.nan, "bound": np.nan, "gap": 1.0}
+        values = np.asarray(h.getSolution().col_value)
         objective = float(cost @ values)
         bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else objective
         replicas = np.rint(values[ia:ia + EN]).astype(np.int64).reshape(E, N).T  # [N, E]
         share = values[iy:iy + EN].reshape(E, N).T * (replicas > 0)
         return replicas, share, {"status": status, "objective": objective, "bound": bound, "gap": _gap(objective, bound)}
+
+
+def _gpu_stage(replicas: np.ndarray, share: np.ndarray, gpus: int, per: int, cap: float, budget: float, seed: int,
+               exact: bool):
+    """One node's replicas onto its GPUs: ``replicas[e]`` replicas of each held expert,
+    ``share[e]`` its tokens on the node, ``per`` slots a GPU. First longest-processing-time
+    packing (each replica an equal share of its expert's tokens, never two replicas of an expert
+    on one GPU); when that leaves a GPU above ``cap``, a small MILP (binary ``z[e, g]``: a replica
+    of ``e`` on GPU ``g``; continuous ``x[e, g]``: its tokens; the most loaded GPU minimised)
+    started from it, when ``exact``. Returns the expert of each of the node's slots (GPU by
+    GPU), or ``None``; the tokens are split afterwards, over the whole layer."""
+    held = np.flatnonzero(replicas)
+    X = held.size
+    z, x = np.zeros((X, gpus)), np.zeros((X, gpus))
+    filled, gpu_load = np.zeros(gpus, dtype=np.int64), np.zeros(gpus)
+    items = np.repeat(np.arange(X), replicas[held])
+    piece = (share[held] / replicas[held])[items]
+    packed = True
+    for r in np.argsort(-piece, kind="stable"):
+        room = np.flatnonzero((filled < per) & (z[items[r]] == 0))
+        if room.size == 0:
+            packed = False
+            break
+        g = room[np.argmin(gpu_load[room])]
+        z[items[r], g], x[items[r], g] = 1.0, piece[r]
+        filled[g] += 1
+        gpu_load[g] += piece[r]
+    if exact and (not packed or gpu_load.max() > cap):
+        solved = _gpu_milp(replicas[held], share[held], gpus, per, cap, budget, seed, (z, x, gpu_load) if packed else None)
+        if solved is None:
+            return None
+        z, x = solved
+    elif not packed:
+        return None
+    return np.concatenate([held[np.flatnonzero(z[:, g] > 0.5)] for g in range(gpus)])
+
+
+def _gpu_milp(replicas, share, gpus, per, cap, budget, seed, start):
+    X = replicas.size
+    XG = X * gpus
+    iz, ix, it = 0, XG, 2 * XG
+    ncol = 2 * XG + 1
+    cost = np.zeros(ncol)
+    cost[it] = 1.0
+    upper = np.concatenate([np.ones(XG), np.repeat(np.minimum(share, cap), gpus), [highspy.kHighsInf]])
+    rows = _Rows()
+    cell = np.arange(XG)
+    for i in range(X):  # each replica on its own GPU; the expert's tokens all served
+        rows.add(iz + i * gpus + np.arange(gpus), np.ones(gpus), replicas[i], replicas[i])
+        rows.add(ix + i * gpus + np.arange(gpus), np.ones(gpus), share[i], share[i])
+    for g in range(gpus):  # slots filled; load under T
+        rows.add(iz + np.arange(X) * gpus + g, np.ones(X), per, per)
+        rows.add(np.concatenate([ix + np.arange(X) * gpus + g, [it]]), np.concatenate([np.ones(X), [-1.0]]), -np.inf, 0.0)
+    rows.add_each(np.stack([ix + cell, iz + cell], 1), np.stack([np.ones(XG), -upper[ix:ix + XG]], 1), -np.inf, 0.0)  # x only where z
+    h = _highs(budget, seed)
+    h.setOptionValue("mip_rel_gap", 1e-4)
+    h.addCols(ncol, cost, np.zeros(ncol), upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
+    rows.load(h)
+    integer = np.zeros(ncol, dtype=np.int32)
+    integer[:XG] = 1
+    h.changeColsIntegrality(ncol, np.arange(ncol, dtype=np.int32), integer)
+    if start is not None:
+        z, x, gpu_load = start
+        solution = highspy.HighsSolution()
+        solution.col_value = np.concatenate([z.ravel(), x.ravel(), [gpu_load.max()]]).tolist()
+        solution.value_valid = True
+        h.setSolution(solution)
+    h.run()
+    if h.getInfo().primal_solution_status != 2:
+        return None
+    values = np.asarray(h.getSolution().col_value)
+    return np.rint(values[iz:iz + XG]).reshape(X, gpus), values[ix:ix + XG].reshape(X, gpus)
+
+
+def _highs(budget: float, seed: int) -> highspy.Highs:
+    """A quiet, single-threaded, seeded HiGHS with a time limit (seconds)."""
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(max(budget, 0.01)))
+    h.setOptionValue("random_seed", seed)
+    h.setOptionValue("threads", 1)
+    return h
 
 
 def split_tokens(load: np.ndarray, phy2log_row: np.ndarray, gpus: int) -> np.ndarray:
@@ -217,21 +344,75 @@ def _gap(objective: float, bound: float) -> float:
     return abs(objective - bound) / max(abs(objective), 1e-9)
 
 
-def _warm_start(problem, layer, warm, node, ncol, pairs, blocks, gpn) -> highspy.HighsSolution:
+def _grouped_start(problem: PlacementProblem, layer: int, cap: float, node_cap: float):
+    """A node-stage start that keeps routing groups whole where it can: groups packed onto
+    nodes by load (EPLB's hierarchical first step), then tokens of the heaviest experts of
+    overloaded nodes moved to new replicas on the nodes with the most room, then spare slots
+    given to the experts with the largest load per replica. Returns replicas and tokens
+    ``[experts, nodes]``, or ``None`` when the slots run out."""
+    E, N, gpn, G = problem.experts, problem.nodes, problem.gpus // problem.nodes, problem.groups
+    S, size = problem.slots // N, E // G
+    load = problem.loads[layer]
+    if G % N:
+        return None
+    pack, _ = balanced_packing(load.reshape(G, size).sum(axis=1)[None, :], N)
+    home = pack[0][np.arange(E) // size]
+    a = np.zeros((E, N), dtype=np.int64)
+    y = np.zeros((E, N))
+    a[np.arange(E), home] = np.clip(np.ceil(load / cap), 1, gpn).astype(np.int64)
+    y[np.arange(E), home] = load
+    for _ in range(4 * E):
+        node_load = y.sum(axis=0)
+        over = int(np.argmax(node_load - node_cap))
+        excess = node_load[over] - node_cap
+        if excess <= 1e-9:
+            break
+        room = np.where(a.sum(axis=0) < S, node_cap - node_load, -np.inf)
+        room[over] = -np.inf
+        to = int(np.argmax(room))
+        if room[to] <= 1e-9:
+            return None
+        e = int(np.argmax(np.where(a[:, to] < gpn, y[:, over], -1.0)))
+        moved = min(excess, room[to], cap * (a[e, to] + 1) - y[e, to], y[e, over])
+        y[e, over] -= moved
+        y[e, to] += moved
+        a[e, to] += 1
+        a[e, over] = max(int(np.ceil(y[e, over] / cap - 1e-9)), 0) if y[e, over] > 1e-9 else 0
+        if a[:, over].sum() == 0 or (y[:, over].sum() == 0 and False):
+            return None
+    if (y.sum(axis=0) > node_cap + 1e-6).any() or (a.sum(axis=1) == 0).any() or (a.sum(axis=0) > S).any():
+        return None
+    for n in range(N):  # spare slots: more replicas of the heaviest per replica
+        while a[:, n].sum() < S:
+            per = np.where((a[:, n] > 0) & (a[:, n] < gpn), y[:, n] / np.maximum(a[:, n], 1), -1.0)
+            e = int(np.argmax(per))
+            if per[e] < 0:
+                return None
+            a[e, n] += 1
+    return a, y
+
+
+def _warm_start(problem, layer, warm, node, ncol, blocks, grouped) -> highspy.HighsSolution:
     """EPLB's plan in the node stage's columns."""
-    ia, ih, iy, iu, iw = blocks
     E, N = problem.experts, problem.nodes
     load = problem.loads[layer]
     a = np.zeros((E, N))
     np.add.at(a, (warm.phy2log[layer], node), 1.0)
     y = np.zeros((E, N))
     np.add.at(y, (warm.phy2log[layer], node), load[warm.phy2log[layer]] * warm.weight[layer])
+    return _start(problem, a, y, ncol, blocks, grouped)
+
+
+def _start(problem, a, y, ncol, blocks, grouped) -> highspy.HighsSolution:
+    """Replicas and tokens ``[experts, nodes]`` as a solution of the node stage (``z`` from where
+    the groups' experts sit; pair columns left at 0)."""
+    ia, ih, iy, iz = blocks
+    E, N = problem.experts, problem.nodes
     held = (a > 0).astype(np.float64)
     values = np.zeros(ncol)
-    values[ia:ia + E * N], values[ih:ih + E * N], values[iy:iy + E * N] = a.ravel(), held.ravel(), y.ravel()
-    values[iu] = y.sum(axis=0).max() / gpn
-    if len(pairs):
-        values[iw:] = np.minimum(held[pairs[:, 0]], held[pairs[:, 1]]).ravel()
+    values[ia:ia + E * N], values[ih:ih + E * N], values[iy:iy + E * N] = np.ravel(a), held.ravel(), np.ravel(y)
+    if grouped:
+        values[iz:] = held.reshape(problem.groups, E // problem.groups, N).max(axis=1).ravel()
     solution = highspy.HighsSolution()
     solution.col_value = values.tolist()
     solution.value_valid = True
