@@ -115,10 +115,16 @@ def _layout(args) -> int:
     ranked = result.ranked
     for c in ranked[: args.verify]:
         c.verified = _verify(scn, path, c, args.verify_requests, shape)
+        if targets.tpot is not None and c.verified.get("status") == "simulated":
+            c.verified["tpot_p50_within_target"] = c.verified["tpot_p50_s"] <= targets.tpot
     _print(scn.name, ranked[: max(args.top, args.verify)], devices, targets)
     rec = _recommendation(scn, arch, cluster, shape, engine, targets, devices, search, result, args)
     write_plan(args.output, rec)
     c = ranked[0]
+    if c.verified.get("tpot_p50_within_target") is False:
+        console.print(f"[yellow]warning:[/yellow] simulated, the best candidate's p50 TPOT is "
+                      f"{_ms(c.verified['tpot_p50_s'])} ms, above the {_ms(targets.tpot)} ms target the cost model "
+                      "predicts it meets")
     console.print(f"best: {c.label()}, max_running {c.max_running}, {c.tokens_per_s_per_device:,.0f} tokens/s per device; "
                   f"{result.counts['feasible']} of {result.counts['configurations']} configurations feasible, "
                   f"{result.counts['points_costed']} points costed, {result.counts['stage_ilps']} stage ILPs in "
