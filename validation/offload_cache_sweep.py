@@ -21,24 +21,8 @@ import numpy as np
 from moesim.files import atomic_write
 from moesim.report.figures import cache_sweep
 from moesim.scenario.build import build
+from moesim.scenario.offload import POLICY_PRESETS as POLICIES
 from moesim.scenario.schema import load_scenario
-
-POLICIES = {
-    "static": {"residency": "static", "prefetch": "none", "on_miss": "wait"},
-    "LRU": {"residency": "lru", "prefetch": "none", "on_miss": "wait"},
-    "LFU": {"residency": "lfu", "prefetch": "none", "on_miss": "wait"},
-    "Belady (oracle)": {"residency": "belady", "prefetch": "none", "on_miss": "wait"},
-    "LRU + pre-gated": {"residency": "lru", "prefetch": "pregated", "accuracy": 1.0, "on_miss": "wait"},
-    "LRU + speculative top-2": {"residency": "lru", "prefetch": "speculative", "top_n": 2, "accuracy": 0.8, "on_miss": "wait"},
-    "LRU + affinity": {"residency": "lru", "prefetch": "affinity", "on_miss": "wait"},
-    "LRU + activation": {"residency": "lru", "prefetch": "activation", "on_miss": "wait"},
-    "LRU + low precision": {"residency": "lru", "prefetch": "none", "on_miss": "low_precision",
-                            "low_precision_dtype": "int2_hqq"},
-    "static + CPU": {"residency": "static", "prefetch": "none", "on_miss": "cpu"},
-    "static + hybrid (Fiddler)": {"residency": "static", "scope": "global", "prefetch": "none", "on_miss": "hybrid"},
-    "naive (whole layers)": {"residency": "static", "scope": "layers", "prefetch": "none", "on_miss": "whole_layer"},
-}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

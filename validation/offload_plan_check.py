@@ -17,24 +17,15 @@ Deterministic: the same inputs give the same table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 from moesim.cli.plan_offload import recommend
 from moesim.errors import InputError
 from moesim.scenario.build import build
+from moesim.scenario.offload import POLICY_PRESETS
 from moesim.scenario.schema import load_scenario
 
-ROOT = Path(__file__).resolve().parents[1]
 ORACLES = ("Belady (oracle)", "LRU + pre-gated")  # need the future, or a pre-gate the model lacks
-LOW = "LRU + low precision on a miss"  # computes misses with other weights (quality), and another kernel
-
-
-def _bench_policies() -> dict:
-    spec = importlib.util.spec_from_file_location("bench_offload", ROOT / "tests" / "bench" / "bench_offload.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.POLICIES
+LOW = "LRU + low precision on a miss (HOBBIT-like)"  # computes misses with other weights (quality), and another kernel
 
 
 def _speed(scn, path, offload: dict, output: int | None, max_running: int | None = None) -> tuple[float, dict]:
@@ -60,7 +51,7 @@ def check(name: str, output: int | None) -> dict:
     milp, m = _speed(scn, path, {k: v for k, v in d.items() if k != "max_running"}, None, d["max_running"])
     shipped, _ = _speed(scn, path, {}, None)
     results = []
-    for label, policy in _bench_policies().items():
+    for label, policy in POLICY_PRESETS.items():
         for slots in range(9):
             fields = {"cache_experts": slots, "top_n": None, "accuracy": 1.0, "pinned": None, "cache_memory": None} | policy
             try:

@@ -30,6 +30,28 @@ from moesim.sim.step import StepModel
 from moesim.sim.tiers import plan_tiers
 
 
+# The hand-set policies of the offloading systems moesim models, as ``offload:`` fields: what the
+# benchmark, the cache-size sweep and the offload MILP's check compare. Low-precision copies are
+# HQQ 2-bit like the bundled Mixtral experts, so a miss loads the same kind of weights and kernel.
+POLICY_PRESETS = {
+    "static (popular per layer)": {"residency": "static", "prefetch": "none", "on_miss": "wait"},
+    "LRU": {"residency": "lru", "prefetch": "none", "on_miss": "wait"},
+    "LFU": {"residency": "lfu", "prefetch": "none", "on_miss": "wait"},
+    "Belady (oracle)": {"residency": "belady", "prefetch": "none", "on_miss": "wait"},
+    "LRU + pre-gated": {"residency": "lru", "prefetch": "pregated", "accuracy": 1.0, "on_miss": "wait"},
+    "LRU + speculative top-2": {"residency": "lru", "prefetch": "speculative", "top_n": 2, "accuracy": 0.8, "on_miss": "wait"},
+    "LRU + affinity (Fate-like)": {"residency": "lru", "prefetch": "affinity", "on_miss": "wait"},
+    "LRU + activation (MoE-Infinity-like)": {"residency": "lru", "prefetch": "activation", "on_miss": "wait"},
+    "LRU + low precision on a miss (HOBBIT-like)": {"residency": "lru", "prefetch": "none", "on_miss": "low_precision",
+                                                   "low_precision_dtype": "int2_hqq"},
+    "static + CPU on a miss": {"residency": "static", "prefetch": "none", "on_miss": "cpu"},
+    "static + hybrid CPU / GPU (Fiddler-like)": {"residency": "static", "scope": "global", "prefetch": "none",
+                                                 "on_miss": "hybrid"},
+    "LRU + speculative + hybrid (HybriMoE-like)": {"residency": "lru", "prefetch": "speculative", "top_n": 2,
+                                                   "accuracy": 0.8, "on_miss": "hybrid"},
+    "whole layers (naive)": {"residency": "static", "scope": "layers", "prefetch": "none", "on_miss": "whole_layer"},
+}
+
 def _popularity(ids: np.ndarray, experts: int) -> np.ndarray:
     """``[layers, experts]`` uses of each expert in the trace (offline profiling)."""
     layers = ids.shape[1]

@@ -17,27 +17,8 @@ import argparse
 import time
 
 from moesim.scenario.build import build
+from moesim.scenario.offload import POLICY_PRESETS as POLICIES
 from moesim.scenario.schema import load_scenario
-
-POLICIES = {
-    "static (popular per layer)": {"residency": "static", "prefetch": "none", "on_miss": "wait"},
-    "LRU": {"residency": "lru", "prefetch": "none", "on_miss": "wait"},
-    "LFU": {"residency": "lfu", "prefetch": "none", "on_miss": "wait"},
-    "Belady (oracle)": {"residency": "belady", "prefetch": "none", "on_miss": "wait"},
-    "LRU + pre-gated": {"residency": "lru", "prefetch": "pregated", "accuracy": 1.0, "on_miss": "wait"},
-    "LRU + speculative top-2": {"residency": "lru", "prefetch": "speculative", "top_n": 2, "accuracy": 0.8, "on_miss": "wait"},
-    "LRU + affinity (Fate-like)": {"residency": "lru", "prefetch": "affinity", "on_miss": "wait"},
-    "LRU + activation (MoE-Infinity-like)": {"residency": "lru", "prefetch": "activation", "on_miss": "wait"},
-    "LRU + low precision on a miss": {"residency": "lru", "prefetch": "none", "on_miss": "low_precision",
-                                      "low_precision_dtype": "int2"},
-    "static + CPU on a miss": {"residency": "static", "prefetch": "none", "on_miss": "cpu"},
-    "static + hybrid CPU / GPU (Fiddler-like)": {"residency": "static", "scope": "global", "prefetch": "none",
-                                                 "on_miss": "hybrid"},
-    "LRU + speculative + hybrid (HybriMoE-like)": {"residency": "lru", "prefetch": "speculative", "top_n": 2,
-                                                   "accuracy": 0.8, "on_miss": "hybrid"},
-    "whole layers (naive)": {"residency": "static", "scope": "layers", "prefetch": "none", "on_miss": "whole_layer"},
-}
-
 
 def _simulation(scn, path, policy: dict, tokens: int):
     raw = scn.model_dump()
