@@ -39,6 +39,7 @@ import highspy
 import numpy as np
 
 from moesim.plan.eplb import balanced_packing
+from moesim.plan.solver import highs
 from moesim.plan.placement import (EplbGlobal, EplbHierarchical, PlacementPlan, PlacementProblem, equal_weights, gpu_loads,
                                    node_of_slot)
 
@@ -200,7 +201,7 @@ class Ilp:
         rows.add_each(np.stack([ia + cell, ih + cell], 1), np.tile([1.0, -float(gpn)], (EN, 1)), -np.inf, 0.0)  # a <= gpn h
         rows.add_each(np.stack([iy + cell, ih + cell], 1), np.stack([np.ones(EN), -load[e_of]], 1), -np.inf, 0.0)  # y only where held
         rows.add_each(np.stack([iy + cell, ia + cell], 1), np.tile([1.0, -cap], (EN, 1)), -np.inf, 0.0)  # a replica fits a GPU
-        h = _highs(budget, self.seed)
+        h = highs(budget, self.seed)
         h.addCols(ncol, cost, lower, upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
         rows.load(h)
         integer = np.zeros(ncol, dtype=np.int32)
@@ -275,7 +276,7 @@ def _gpu_milp(replicas, share, gpus, per, cap, budget, seed, start):
         rows.add(iz + np.arange(X) * gpus + g, np.ones(X), per, per)
         rows.add(np.concatenate([ix + np.arange(X) * gpus + g, [it]]), np.concatenate([np.ones(X), [-1.0]]), -np.inf, 0.0)
     rows.add_each(np.stack([ix + cell, iz + cell], 1), np.stack([np.ones(XG), -upper[ix:ix + XG]], 1), -np.inf, 0.0)  # x only where z
-    h = _highs(budget, seed)
+    h = highs(budget, seed)
     h.setOptionValue("mip_rel_gap", 1e-4)
     h.addCols(ncol, cost, np.zeros(ncol), upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
     rows.load(h)
@@ -295,23 +296,12 @@ def _gpu_milp(replicas, share, gpus, per, cap, budget, seed, start):
     return np.rint(values[iz:iz + XG]).reshape(X, gpus), values[ix:ix + XG].reshape(X, gpus)
 
 
-def _highs(budget: float, seed: int) -> highspy.Highs:
-    """A quiet, single-threaded, seeded HiGHS with a time limit (seconds)."""
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(max(budget, 0.01)))
-    h.setOptionValue("random_seed", seed)
-    h.setOptionValue("threads", 1)
-    return h
-
-
 def split_tokens(load: np.ndarray, phy2log_row: np.ndarray, gpus: int) -> np.ndarray:
     """Each slot's share of its expert's tokens ``[slots]`` that minimises the most loaded GPU,
     for one layer's placement (an LP: an expert's tokens split freely over its replicas)."""
     slots = phy2log_row.size
     per = slots // gpus
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = highs(60.0)
     # columns: tokens of each slot, then the straggler T
     cost = np.zeros(slots + 1)
     cost[-1] = 1.0

@@ -39,6 +39,7 @@ import numpy as np
 import pulp
 
 from moesim.errors import InputError
+from moesim.plan.solver import quiet_banner
 
 GIB = 2**30
 OBJECTIVES = ("latency", "throughput")
@@ -187,6 +188,7 @@ def on_ssd(problem: OffloadProblem, layers: int) -> np.ndarray:
 
 def _solver(time_limit: float):
     if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
+        quiet_banner()
         return pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1, gapRel=GAP)
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(int(time_limit), 1), threads=1, gapRel=GAP)
 

@@ -18,14 +18,13 @@ and time by the budget and by ``T``, and ``T`` is minimised.
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import pulp
 
 from moesim.errors import InputError
+from moesim.plan.solver import quiet_banner
 
 
 @dataclass
@@ -115,31 +114,8 @@ def evaluate_split(problem: StageProblem, stages: list[tuple[int, int]], status:
     return StagePartition(stages, times, memories, status)
 
 
-def _quiet_banner() -> None:
-    """HiGHS prints its banner on stdout when the process makes its first solver; make that
-    first one here with stdout pointed at /dev/null, so tables and JSON stay clean."""
-    global _BANNER_DONE
-    if _BANNER_DONE or not pulp.HiGHS().available():
-        return
-    import highspy
-
-    sys.stdout.flush()
-    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(null)
-    _BANNER_DONE = True
-
-
-_BANNER_DONE = False
-
-
 def _solver(time_limit: float):
-    _quiet_banner()
+    quiet_banner()
     highs = pulp.HiGHS(msg=False, threads=1, timeLimit=time_limit, random_seed=0)
     if highs.available():
         return highs
