@@ -19,6 +19,8 @@ import numpy as np
 from moesim.cost.roofline import OpCost, kernel
 from moesim.dtypes import dtype_bytes
 
+_MLA_HEAD_TILE = 64
+
 
 def _keys_seen(seq: int, window: int | None, block: int = 128) -> float:
     """Query-key pairs a causal prompt of ``seq`` tokens computes. Flash-attention works in
@@ -100,21 +102,46 @@ def decode_attention_time(
     kv_bytes = batch * keys * 2 * num_kv_heads * head_dim * dtype_bytes(kv_dtype)
     q_out = batch * num_heads * head_dim * 2 * 2.0
     cost = _decode_kernel(device, name, flops, kv_bytes + q_out, batch * num_kv_heads, keys)
+    _add_dequant(device, cost, _kv_key("", kv_dtype), batch * keys * 2 * num_kv_heads * head_dim)
     cost.info = {"batch": batch, "kv_len": kv_len, "heads": num_heads, "kv_heads": num_kv_heads, "window": window}
     return cost
 
 
-def _decode_kernel(device, name: str, flops: float, bytes_moved: float, groups: int, keys: int) -> OpCost:
+def _decode_kernel(device, name: str, flops: float, bytes_moved: float, groups: int, keys: int,
+                   compute_efficiency: float | None = None) -> OpCost:
     """Decode attention streams the KV cache; with few (sequence, KV head) groups the kernel
-    splits the keys (flash-decoding) but short caches still leave units idle."""
+    splits the keys (flash-decoding) but short caches still leave units idle. Each group is a
+    work unit with a cost of its own (``decode_per_sequence``: its first key block, block-table
+    lookups, the split-K reduction), which sets the step at large batch and short caches."""
     eff = device.efficiency
     # np.maximum / np.minimum: ``groups`` and ``keys`` may be arrays (one entry per DP replica)
     splits = np.maximum(1, np.minimum(-(-keys // 256), -(-device.compute_units // np.maximum(groups, 1))))
     busy = np.minimum(1.0, groups * splits / device.compute_units)
     cost = kernel(device, name, flops, bytes_moved, "bf16",
-                  compute_efficiency=eff.attention_prefill, memory_efficiency=eff.attention_decode * np.maximum(busy, 0.05))
+                  compute_efficiency=eff.attention_prefill if compute_efficiency is None else compute_efficiency,
+                  memory_efficiency=eff.attention_decode * np.maximum(busy, 0.05))
     _add_overhead(device, cost)
+    units = groups * eff.decode_per_sequence
+    cost.time = cost.time + units
+    cost.launch_time = cost.launch_time + units
     return cost
+
+
+def _kv_key(kernel: str, kv_dtype: str) -> str:
+    """``kv_dequant``'s key for a kernel family ('' or 'mla') over a KV cache of ``kv_dtype``."""
+    dtype = "fp8" if "fp8" in kv_dtype.lower() else kv_dtype.lower()
+    return f"{kernel}_{dtype}" if kernel else dtype
+
+
+def _add_dequant(device, cost: OpCost, key: str, elements) -> None:
+    """A quantised KV cache is dequantised in the kernel: ``kv_dequant[key]`` seconds per cached
+    element read plus ``kv_dequant[key + '_call']`` per call (FlashMLA's fp8 path on H100 is
+    bound by this, not by the bytes it saves)."""
+    figures = device.efficiency.kv_dequant
+    extra = figures.get(key, 0.0) * elements + figures.get(f"{key}_call", 0.0)
+    if np.any(extra):
+        cost.time = cost.time + extra
+        cost.compute_time = cost.compute_time + extra
 
 
 def mla_decode_time(
@@ -133,7 +160,10 @@ def mla_decode_time(
     latent = kv_lora_rank + qk_rope_head_dim
     flops = 2.0 * batch * num_heads * kv_len * (latent + kv_lora_rank)
     bytes_moved = batch * kv_len * latent * dtype_bytes(kv_dtype) + batch * num_heads * (latent + kv_lora_rank) * 2.0
-    cost = _decode_kernel(device, name, flops, bytes_moved, batch, kv_len)
+    # FlashMLA tiles the heads of one sequence 64 at a time: a tile is one work unit
+    units = batch * -(-num_heads // _MLA_HEAD_TILE)
+    cost = _decode_kernel(device, name, flops, bytes_moved, units, kv_len, device.efficiency.mla_decode)
+    _add_dequant(device, cost, _kv_key("mla", kv_dtype), batch * kv_len * latent)
     cost.info = {"batch": batch, "kv_len": kv_len, "heads": num_heads}
     return cost
 
@@ -148,10 +178,19 @@ def mla_prefill_time(
     v_head_dim: int,
     *,
     dtype: str = "bf16",
+    kv_dtype: str = "bf16",
     name: str = "mla_prefill",
 ) -> OpCost:
-    """Un-absorbed MLA prefill: per-head keys of ``nope + rope``, values of ``v_head_dim``."""
-    return prefill_attention_time(
+    """Un-absorbed MLA prefill: per-head keys of ``nope + rope``, values of ``v_head_dim``. An fp8
+    KV cache adds its per-call cost (the prompt's keys are written quantised)."""
+    cost = prefill_attention_time(
         device, batch, seq, num_heads, num_heads, qk_nope_head_dim + qk_rope_head_dim,
         dtype=dtype, v_head_dim=v_head_dim, efficiency=device.efficiency.mla_prefill, name=name,
     )
+    # per (query token, head): the latent's up-projection to per-head keys and values and its
+    # layout, which the prefill kernel sequence runs before attention
+    extra = device.efficiency.mla_prefill_token * batch * seq * num_heads
+    cost.time += extra
+    cost.compute_time += extra
+    _add_dequant(device, cost, _kv_key("mla", kv_dtype), 0.0)
+    return cost

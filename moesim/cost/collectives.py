@@ -16,6 +16,29 @@ InfiniBand cluster differ by their wiring, not by special cases.
 
 ``S`` is in bytes, ``B`` the bottleneck bandwidth of a ring step, ``a`` a step's latency plus
 the link's per-step software cost.
+
+Inside one node, when the device profile has NCCL figures (``efficiency.nccl_*``), a collective
+is costed as NCCL's own tuner costs it (src/graph/tuning.cc: a base latency per algorithm and
+protocol, a latency per step, a bus bandwidth per protocol) and the cheaper protocol wins:
+
+    t = min over p in (LL, Simple) of  launch[p] + steps * step[p] + bus_bytes / (B * bus(n) * op * share[p])
+
+``bus_bytes`` is the algorithm's traffic per rank (``2 (n-1)/n S`` for all-reduce, ``(n-1)/n S``
+for all-gather, reduce-scatter and all-to-all), ``steps`` its ring steps (``2 (n-1)`` or ``n - 1``),
+``bus(n)`` the share of the ring's link bandwidth NCCL's Simple protocol reaches with ``n`` ranks
+(fewer ranks drive fewer NVLink channels at once: 2 H100s reach about 250 GB/s of bus
+bandwidth, 8 about 330), ``op`` a per-collective factor (all-reduce inside an NVSwitch node runs
+NVLS, in-switch reduction) and ``share[LL]`` the LL protocol's share of Simple's bandwidth (half
+of each 8-byte store is a flag). Small messages take LL's low latency, large ones Simple's
+bandwidth, as NCCL picks.
+
+DeepEP dispatch / combine (:func:`deepep_time`) are not NCCL: they are kernels that copy tokens
+over NVLink with a fixed share of the SMs, so a call costs a kernel floor (launch, barrier,
+layout notification) plus its bytes at the lower of the link's rate and the copying SMs' rate
+(normal mode: SMs x rate per SM; low-latency mode: local experts x rate per expert, as each
+expert's tokens are received by one warp group, under a cap per mode), plus a cost per token
+(each token read or reduced once, whatever its destinations) and, in low-latency mode, per
+expert.
 """
 
 from __future__ import annotations
@@ -68,42 +91,79 @@ def _cost(name: str, seconds: float, nbytes: float, **info) -> OpCost:
     return OpCost(name=name, time=seconds, comm_time=seconds, bytes=nbytes, info=info)
 
 
-def _ring_time(graph, members: list[str], nbytes: float, passes: int) -> float:
-    """``passes`` ring sweeps (1: gather or scatter, 2: all-reduce) of an ``nbytes`` buffer."""
+def _ring_time(graph, members: list[str], nbytes: float, passes: int, *, op: str = "", device=None) -> float:
+    """``passes`` ring sweeps (1: gather or scatter, 2: all-reduce) of an ``nbytes`` buffer; NCCL's
+    protocol model (module docstring) inside one node when the device profile has its figures."""
     n = len(members)
     if n < 2 or nbytes <= 0:
         return 0.0
     bandwidth, latency = _ring(graph, members)
+    eff = _nccl_figures(graph, members, device)
+    if eff is not None:
+        return float(_nccl_time(eff, op, n, passes * (n - 1) / n * nbytes, bandwidth, passes * (n - 1)))
     return passes * ((n - 1) / n * nbytes / bandwidth + (n - 1) * latency)
 
 
-def all_reduce_time(graph, group: list[str], nbytes: float, *, algorithm: str = "auto") -> OpCost:
-    """All-reduce of an ``nbytes`` buffer held by every rank of ``group``."""
+def _nccl_figures(graph, group: list[str], device=None):
+    """The device's efficiency figures when they hold NCCL's and ``group`` is inside one node."""
+    spec = device if device is not None else graph.nodes[group[0]].get("spec")
+    eff = getattr(spec, "efficiency", None)
+    if eff is None or not eff.nccl_bus or len({_node_of(graph, g) for g in group}) > 1:
+        return None
+    return eff
+
+
+def bus_share(shares: dict[str, float], ranks) -> np.ndarray:
+    """A figure given per group size (``{'2': .., '8': ..}``) at ``ranks``: linear in log2 of the
+    group size between the sizes listed, the nearest one outside them."""
+    sizes = np.array(sorted(float(k) for k in shares))
+    values = np.array([shares[k] for k in sorted(shares, key=float)])
+    return np.interp(np.log2(np.maximum(ranks, 2)), np.log2(sizes), values)
+
+
+def _nccl_time(eff, op: str, ranks, bus_bytes, bandwidth, steps):
+    """The cheaper of NCCL's LL and Simple protocols (module docstring); arrays broadcast."""
+    rate = bandwidth * bus_share(eff.nccl_bus, ranks) * eff.nccl_op.get(op, 1.0)
+    launch, step = eff.nccl_launch, eff.nccl_step
+    simple = launch.get("simple", 0.0) + steps * step.get("simple", 0.0) + bus_bytes / rate
+    ll = launch.get("ll", 0.0) + steps * step.get("ll", 0.0) + bus_bytes / (rate * eff.nccl_ll_bus)
+    return np.minimum(simple, ll)
+
+
+def all_reduce_time(graph, group: list[str], nbytes: float, *, algorithm: str = "auto", device=None) -> OpCost:
+    """All-reduce of an ``nbytes`` buffer held by every rank of ``group`` (``device``: the profile
+    whose NCCL figures apply, by default the group's own)."""
     _check(group)
     nodes = _groups_by_node(graph, group)
     if algorithm == "auto":
         algorithm = "hierarchical" if len(nodes) > 1 else "ring"
     if algorithm == "ring" or len(nodes) == 1:
-        return _cost("all_reduce", _ring_time(graph, group, nbytes, 2), nbytes, algorithm="ring", ranks=len(group))
+        return _cost("all_reduce", _ring_time(graph, group, nbytes, 2, op="all_reduce", device=device), nbytes,
+                     algorithm="ring", ranks=len(group))
     if algorithm != "hierarchical":
         raise InputError(f"unknown all-reduce algorithm {algorithm!r}; expected ring, hierarchical or auto")
     local = max(len(m) for m in nodes.values())
-    intra = max(_ring_time(graph, m, nbytes, 1) for m in nodes.values())
+    intra = max(_ring_time(graph, m, nbytes, 1, op="all_gather", device=device) for m in nodes.values())
     leaders = [m[0] for m in nodes.values()]
     inter = _ring_time(graph, leaders, nbytes / local, 2)
     return _cost("all_reduce", 2 * intra + inter, nbytes, algorithm="hierarchical", ranks=len(group), nodes=len(nodes))
 
 
-def all_gather_time(graph, group: list[str], nbytes: float) -> OpCost:
+def all_gather_time(graph, group: list[str], nbytes: float, *, device=None) -> OpCost:
     """All-gather whose gathered output is ``nbytes`` on every rank."""
     _check(group)
-    return _cost("all_gather", _ring_time(graph, group, nbytes, 1), nbytes, algorithm="ring", ranks=len(group))
+    return _cost("all_gather", _ring_time(graph, group, nbytes, 1, op="all_gather", device=device), nbytes,
+                 algorithm="ring", ranks=len(group))
 
 
-def reduce_scatter_time(graph, group: list[str], nbytes: float) -> OpCost:
+def reduce_scatter_time(graph, group: list[str], nbytes: float, *, device=None) -> OpCost:
     """Reduce-scatter of an ``nbytes`` input on every rank."""
     _check(group)
-    return _cost("reduce_scatter", _ring_time(graph, group, nbytes, 1), nbytes, algorithm="ring", ranks=len(group))
+    return _cost("reduce_scatter", _ring_time(graph, group, nbytes, 1, op="reduce_scatter", device=device), nbytes,
+                 algorithm="ring", ranks=len(group))
+
+
+KERNELS = (None, "nccl", "deepep_normal_dispatch", "deepep_normal_combine", "deepep_ll_dispatch", "deepep_ll_combine")
 
 
 class AllToAll:
@@ -116,10 +176,13 @@ class AllToAll:
     slowest rank sets the time.
     """
 
-    def __init__(self, graph, group: list[str], algorithm: str = "flat"):
+    def __init__(self, graph, group: list[str], algorithm: str = "flat", *, kernel: str | None = None, device=None,
+                 sms: int = 0, experts: int = 0):
         _check(group)
         if algorithm not in ("flat", "hierarchical"):
             raise InputError(f"unknown all-to-all algorithm {algorithm!r}; expected flat or hierarchical")
+        if kernel not in KERNELS:
+            raise InputError(f"unknown all-to-all kernel {kernel!r}; expected one of {', '.join(map(str, KERNELS))}")
         self.group, self.algorithm = group, algorithm
         n = self.ranks = len(group)
         node = np.array([_node_of(graph, g) for g in group])
@@ -144,6 +207,41 @@ class AllToAll:
         if remote_route:
             self.nic = remote_route.bandwidth
             self.latency = max(self.latency, remote_route.latency * (2 if algorithm == "hierarchical" else 1))
+        self.kernel, self.ll, self.token_cost = kernel, None, 0.0
+        if kernel is not None and self.capacity is not None and self.nic is None:
+            self._kernel_figures(graph, kernel, device, sms, experts)
+
+    def _kernel_figures(self, graph, kernel: str, device, sms: int, experts: int) -> None:
+        """Rate and floor of one node's all-to-all as ``kernel`` runs it (module docstring):
+        ``capacity`` becomes the rate a rank's bytes move at, ``latency`` the fixed cost."""
+        spec = device if device is not None else graph.nodes[self.group[0]].get("spec")
+        eff = getattr(spec, "efficiency", None)
+        n = self.ranks
+        if kernel == "nccl":
+            if eff is None or not eff.nccl_bus:
+                return
+            share = bus_share(eff.nccl_bus, n) * eff.nccl_op.get("all_to_all", 1.0)
+            self.capacity = self.capacity * share
+            self.pair = None if self.pair is None else self.pair * share
+            self.latency = eff.nccl_launch.get("simple", 0.0) + (n - 1) * eff.nccl_step.get("simple", 0.0)
+            # LL: lower latency, a share of the bandwidth; times() takes the cheaper
+            self.ll = (eff.nccl_launch.get("ll", 0.0) + (n - 1) * eff.nccl_step.get("ll", 0.0), eff.nccl_ll_bus)
+            return
+        figures = eff.deepep if eff is not None else {}
+        mode, phase = kernel.split("_")[1:]
+        if not figures or f"{mode}_{phase}_rate" not in figures:
+            return
+        if mode == "normal":
+            rate = figures[f"normal_{phase}_rate"] * max(sms, 1)
+        else:
+            rate = figures[f"ll_{phase}_rate"] * max(experts // n, 1)
+        rate = min(rate, figures.get(f"{mode}_{phase}_cap", np.inf))
+        self.capacity = np.minimum(self.capacity, rate)
+        self.pair = None if self.pair is None else np.minimum(self.pair, rate)
+        self.latency = figures.get(f"{mode}_{phase}_floor", 0.0) + (figures.get("ll_expert", 0.0) * experts
+                                                                        if mode == "ll" else 0.0)
+        # each token is also read (dispatch) or reduced (combine) once, whatever its destinations
+        self.token_cost = figures.get(f"{mode}_{phase}_token", 0.0) / rate
 
     def rank_times(self, matrix: np.ndarray) -> np.ndarray:
         """Seconds each rank's traffic takes, ``[..., ranks]``, for matrices ``[..., ranks, ranks]``
@@ -188,24 +286,36 @@ class AllToAll:
         """Seconds of the all-to-all for each matrix of ``[..., ranks, ranks]``."""
         matrix = np.asarray(matrix, dtype=np.float64)
         sent = np.where(self.off, matrix, 0.0).sum(axis=(-2, -1))
-        return self.rank_times(matrix).max(axis=-1) + np.where(sent > 0, self.latency, 0.0)
+        body = self.rank_times(matrix).max(axis=-1)
+        seconds = body + self.latency
+        if self.ll is not None:  # NCCL: the LL protocol when it is cheaper
+            seconds = np.minimum(seconds, self.ll[0] + body / self.ll[1])
+        return np.where(sent > 0, seconds, 0.0)
 
 
-def all_to_all_time(graph, group: list[str], bytes_matrix: np.ndarray, *, algorithm: str = "flat") -> OpCost:
+def all_to_all_time(graph, group: list[str], bytes_matrix: np.ndarray, *, algorithm: str = "flat",
+                    kernel: str | None = None, device=None, sms: int = 0, experts: int = 0,
+                    token_bytes: float = 0.0) -> OpCost:
     """All-to-all where rank ``i`` sends ``bytes_matrix[i, j]`` bytes to rank ``j`` (see
-    :class:`AllToAll`).
+    :class:`AllToAll`). ``kernel`` names the implementation inside one node (:data:`KERNELS`):
+    None rates the bytes at the links' speed with one hop of latency; 'nccl' is NCCL's grouped
+    send / receive; 'deepep_normal_dispatch' ... are DeepEP's kernels run with ``sms`` SMs
+    (normal mode) over ``experts`` experts (low-latency mode); ``token_bytes`` are the bytes of
+    the tokens one rank sends (tokens x hidden x element size), which a DeepEP kernel reads or
+    reduces once per token besides its copies to each destination.
 
     Returns the time of the slowest rank; ``info`` names it and its bytes sent inside and
     across nodes.
     """
-    model = AllToAll(graph, group, algorithm)
+    model = AllToAll(graph, group, algorithm, kernel=kernel, device=device, sms=sms, experts=experts)
+    token_time = model.token_cost * token_bytes
     matrix = np.asarray(bytes_matrix, dtype=np.float64)
     n = len(group)
     if matrix.shape != (n, n):
         raise InputError(f"all-to-all byte matrix has shape {matrix.shape}; expected ({n}, {n}) for {n} ranks")
     per_rank = model.rank_times(matrix)
     slowest = int(per_rank.argmax())
-    seconds = float(model.times(matrix))
+    seconds = float(model.times(matrix)) + token_time
     intra = np.where(model.same & model.off, matrix, 0.0)
     inter = np.where(~model.same, matrix, 0.0)
     return _cost(

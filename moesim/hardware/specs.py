@@ -78,6 +78,29 @@ class Efficiency(Spec):
     tile_n: int = Field(128, gt=0)
     k_half: float = Field(128.0, ge=0)
     moe_tile_m: int = Field(64, gt=0)
+    # Figures moesim.cost.attention, .collectives and .gemm read when present (an empty table
+    # keeps the plain roofline / alpha-beta model); docs/cost-model.md says what each means.
+    decode_per_sequence: Seconds = Field(0.0, description="decode attention: time per work unit, one (sequence, "
+                                         "KV head) or one MLA (sequence, 64-head tile): its first key block, block "
+                                         "table, split-K reduce, s")
+    kv_dequant: dict[str, float] = Field(default_factory=dict, description="attention over a quantised KV cache, "
+                                         "by kernel and KV dtype ('fp8', 'mla_fp8'): seconds per cached element "
+                                         "dequantised; '<key>_call': seconds per call")
+    mla_prefill_token: Seconds = Field(0.0, description="un-absorbed MLA prefill: time per (query token, head) "
+                                       "beyond the attention FLOP (latent up-projection and layout), s")
+    mla_decode: Fraction | None = Field(None, description="fraction of bf16 peak absorbed MLA decode reaches "
+                                        "(default: attention_prefill)")
+    nccl_launch: dict[str, Seconds] = Field(default_factory=dict, description="NCCL fixed cost per collective, "
+                                            "by protocol (ll, simple), s")
+    nccl_step: dict[str, Seconds] = Field(default_factory=dict, description="NCCL latency per ring step, by protocol, s")
+    nccl_bus: dict[str, Fraction] = Field(default_factory=dict, description="Simple-protocol bus bandwidth over the "
+                                          "ring's link bandwidth, by group size ('2', '4', '8')")
+    nccl_ll_bus: Fraction = Field(0.5, description="LL protocol bandwidth over Simple's")
+    nccl_op: dict[str, float] = Field(default_factory=dict, description="bus bandwidth multiplier per collective "
+                                      "(all_reduce with NVLS, all_to_all)")
+    deepep: dict[str, float] = Field(default_factory=dict, description="DeepEP kernel figures: '<mode>_<phase>_floor' "
+                                     "(s), '<mode>_<phase>_rate' (B/s per SM for normal, per local expert for ll), "
+                                     "'ll_expert' (s per expert)")
 
     def compute_for(self, *names: str) -> float:
         """Efficiency for the first of ``names`` the profile lists (a kernel variant such as

@@ -29,13 +29,18 @@ from moesim.errors import InputError, from_validation
 from moesim.files import atomic_write, load_yaml
 from moesim.hardware import catalog
 from moesim.hardware.specs import Device
-from moesim.validate.compare import PREDICTORS, Cases, Summary
+from moesim.hardware.topology import topology
+from moesim.validate.compare import PREDICTORS, Cases, Summary, node_cluster
 from moesim.validate.tables import Table
 
 TEST_FRACTION = 0.3
-# Families whose kernels the device's efficiency figures set (collectives depend on the links).
+# Families whose kernels the device's efficiency figures set.
 KERNEL_FAMILIES = ("moe", "gemm", "attention_prefill", "attention_decode", "mla_prefill", "mla_decode")
-_ALL = frozenset(KERNEL_FAMILIES)
+# Collectives inside one node: NCCL's protocol figures and DeepEP's kernel figures are the
+# device's too (the link's bandwidth stays its spec-sheet figure).
+COMM_FAMILIES = ("nccl", "deepep_ll", "deepep_normal")
+_KERNELS = frozenset(KERNEL_FAMILIES)
+_ALL = _KERNELS | frozenset(COMM_FAMILIES)
 _ATTENTION = frozenset({"attention_prefill", "attention_decode", "mla_prefill", "mla_decode"})
 
 
@@ -92,10 +97,10 @@ def parameters(device, tables: list[Table]) -> list[Parameter]:
     eff = device.efficiency
     families = {t.family.name for t in tables} & _ALL
     out = [
-        Parameter(("launch_overhead",), _ALL, 0.2e-6, 10e-6),
-        Parameter(("efficiency", "memory"), _ALL, 0.3, 1.0),
-        Parameter(("efficiency", "memory_latency"), _ALL, 0.0, 10e-6),
-        Parameter(("efficiency", "roofline_p"), _ALL, 2.0, 4.0, (2.0, 3.0, 4.0)),
+        Parameter(("launch_overhead",), _KERNELS, 0.2e-6, 10e-6),
+        Parameter(("efficiency", "memory"), _KERNELS, 0.3, 1.0),
+        Parameter(("efficiency", "memory_latency"), _KERNELS, 0.0, 10e-6),
+        Parameter(("efficiency", "roofline_p"), _KERNELS, 2.0, 4.0, (2.0, 3.0, 4.0)),
         Parameter(("efficiency", "k_half"), frozenset({"gemm", "moe"}), 0.0, 512.0),
         Parameter(("efficiency", "attention_prefill"), frozenset({"attention_prefill", "attention_decode", "mla_decode"}),
                   0.05, 1.0),
@@ -113,7 +118,49 @@ def parameters(device, tables: list[Table]) -> list[Parameter]:
             for k in sorted(eff.variant_overhead) if k in _dtypes(tables, "gemm", "gemm_dtype")]
     if _dtypes(tables, "moe", "moe_ep_size") - {"1", "1.0"}:
         out.append(Parameter(("efficiency", "moe_empty_block"), frozenset({"moe"}), 0.0, 200e-9))
+    out += _attention_parameters(eff)
+    out += _comm_parameters(eff)
     return [p for p in out if p.families & families]
+
+
+# Allowed ranges of DeepEP's figures by the last part of their key (s, B/s, copies per token).
+_DEEPEP_RANGES = {"floor": (0.0, 100e-6), "rate": (1e9, 1e12), "cap": (1e10, 1e12), "token": (0.0, 4.0),
+                  "expert": (0.0, 1e-7)}
+
+
+def _attention_parameters(eff) -> list[Parameter]:
+    """Decode work-unit cost, MLA decode compute share, KV dequantisation (per element, per call)."""
+    decode = frozenset({"attention_decode", "mla_decode"})
+    out = [Parameter(("efficiency", "decode_per_sequence"), decode, 0.0, 200e-9),
+           Parameter(("efficiency", "mla_prefill_token"), frozenset({"mla_prefill"}), 0.0, 10e-9)]
+    if eff.mla_decode is not None:
+        out.append(Parameter(("efficiency", "mla_decode"), frozenset({"mla_decode"}), 0.05, 1.0))
+    for key in sorted(eff.kv_dequant):
+        families = (frozenset({"mla_decode", "mla_prefill"}) if key.startswith("mla") else
+                    frozenset({"attention_decode"}))
+        if key.endswith("_call"):
+            out.append(Parameter(("efficiency", "kv_dequant", key), families, 0.0, 30e-6))
+        else:
+            out.append(Parameter(("efficiency", "kv_dequant", key), families & frozenset({"mla_decode", "attention_decode"}),
+                                 0.0, 1e-10))
+    return out
+
+
+def _comm_parameters(eff) -> list[Parameter]:
+    """NCCL and DeepEP figures the profile lists (a profile without them keeps the links'
+    alpha-beta model, and nothing is fitted)."""
+    nccl = frozenset({"nccl"})
+    out = []
+    if eff.nccl_bus:
+        out += [Parameter(("efficiency", "nccl_launch", k), nccl, 0.0, 50e-6) for k in sorted(eff.nccl_launch)]
+        out += [Parameter(("efficiency", "nccl_step", k), nccl, 0.0, 5e-6) for k in sorted(eff.nccl_step)]
+        out += [Parameter(("efficiency", "nccl_bus", k), nccl, 0.2, 1.0) for k in sorted(eff.nccl_bus)]
+        out.append(Parameter(("efficiency", "nccl_ll_bus"), nccl, 0.1, 1.0))
+        out += [Parameter(("efficiency", "nccl_op", k), nccl, 0.5, 2.0) for k in sorted(eff.nccl_op)]
+    for key in sorted(eff.deepep):
+        family = frozenset({"deepep_ll" if key.startswith("ll") else "deepep_normal"})
+        out.append(Parameter(("efficiency", "deepep", key), family, *_DEEPEP_RANGES[key.rsplit("_", 1)[-1]]))
+    return out
 
 
 def _dtypes(tables: list[Table], family: str, column: str) -> set[str]:
@@ -171,8 +218,11 @@ class Objective:
     """The fit's loss over a fixed set of calibration rows; predictions of the families a
     figure does not touch are reused."""
 
-    def __init__(self, tables: list[Table], draws: int = 3):
+    def __init__(self, tables: list[Table], draws: int = 3, graph=None):
         self.tables = [t for t in tables if t.family.name in _ALL and len(t)]
+        if graph is None:  # collectives run on the device's own node, without a graph none are fitted
+            self.tables = [t for t in self.tables if t.family.name in _KERNELS]
+        self.graph = graph
         self.draws = draws
         self.counts: dict = {}  # routing draws, shared across evaluations
         self.losses: dict[str, float] = {}
@@ -185,7 +235,7 @@ class Objective:
             if table.family.name in wanted:
                 groups.setdefault(table.family.name, []).extend(
                     PREDICTORS[table.family.name](table, device, None, draws=self.draws, counts_cache=self.counts)
-                    if table.family.name == "moe" else PREDICTORS[table.family.name](table, device, None))
+                    if table.family.name == "moe" else PREDICTORS[table.family.name](table, device, self.graph))
         self.evaluations += 1
         return {f: _family_loss(c) for f, c in groups.items()}
 
@@ -198,13 +248,15 @@ class Objective:
 _FACTORS = (0.5, 0.7, 0.85, 0.93, 1.0, 1.07, 1.15, 1.4, 2.0)
 
 
-def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progress=None) -> tuple[object, dict]:
+def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progress=None, graph=None) -> tuple[object, dict]:
     """Coordinate search of ``device``'s efficiency figures on the calibration ``tables``: at
     most ``sweeps`` passes over the figures; the grid of factors narrows (its spread halves)
     after a pass that improved nothing, and the search ends when it is finer than 1%.
     Returns the fitted device and a record: loss before / after, each figure's start and end
     value, and how many evaluations it took."""
-    objective = Objective(tables, draws)
+    if graph is None and any(t.family.name in COMM_FAMILIES for t in tables):
+        graph = topology(node_cluster(device))
+    objective = Objective(tables, draws, graph)
     if not objective.tables:
         raise InputError("no kernel tables (moe, gemm, attention, mla) to calibrate from", field="--measured")
     params = parameters(device, objective.tables)
@@ -263,7 +315,8 @@ def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progre
 # -- profiles ------------------------------------------------------------------------------
 
 _DEVICE = TypeAdapter(Device)
-_SECONDS_FIELDS = {"launch_overhead", "memory_latency", "moe_empty_block", "attention_overhead", "variant_overhead"}
+_SECONDS_FIELDS = {"launch_overhead", "memory_latency", "moe_empty_block", "attention_overhead", "variant_overhead",
+                   "decode_per_sequence", "mla_prefill_token", "nccl_launch", "nccl_step"}
 
 
 def load_device(spec: str):
@@ -282,7 +335,7 @@ def load_device(spec: str):
 def _fmt(name: str, v: float):
     if name in _SECONDS_FIELDS:
         return "0 s" if v == 0 else (f"{v * 1e9:.3g} ns" if v < 1e-6 else f"{v * 1e6:.3g} us")
-    return round(v, 3) if abs(v) < 10 else round(v, 1)
+    return float(f"{v:.3g}")  # 3 significant digits: DeepEP's figures span seconds to bytes/s
 
 
 def rounded(device):

@@ -191,8 +191,10 @@ def predict_attention_decode(table: Table, device, graph=None, **_) -> list[Case
 
 def predict_mla_prefill(table: Table, device, graph=None, **_) -> list[Cases]:
     h, b, s = (_ints(table, c) for c in ("num_heads", "batch_size", "isl"))
+    kv_dtype = _texts(table, "kv_cache_dtype")
     predicted = np.array([mla_prefill_time(device, int(b[i]), int(s[i]), int(h[i]), _MLA["qk_nope_head_dim"],
-                                           _MLA["qk_rope_head_dim"], _MLA["v_head_dim"]).time for i in range(len(table))])
+                                           _MLA["qk_rope_head_dim"], _MLA["v_head_dim"], kv_dtype=kv_dtype[i]).time
+                          for i in range(len(table))])
     return [Cases("MLA prefill", table.name, _kv_regime(_texts(table, "kv_cache_dtype"), np.zeros(len(table))),
                   (b * s).astype(float), "tokens (batch x prompt)", table.seconds["latency"], predicted)]
 
@@ -213,16 +215,17 @@ def _group(graph, ranks: int, source: str) -> list[str]:
     return members[:ranks]
 
 
-def _collective(graph, op: str, ranks: int, nbytes: float, source: str) -> float:
+def _collective(graph, op: str, ranks: int, nbytes: float, source: str, device=None) -> float:
+    """NCCL's time for one collective (``device``'s NCCL figures; the graph's device when None)."""
     group = _group(graph, ranks, source)
     if op == "all_reduce":
-        return all_reduce_time(graph, group, nbytes).time
+        return all_reduce_time(graph, group, nbytes, device=device).time
     if op == "all_gather":
-        return all_gather_time(graph, group, nbytes).time
+        return all_gather_time(graph, group, nbytes, device=device).time
     if op == "reduce_scatter":
-        return reduce_scatter_time(graph, group, nbytes).time
+        return reduce_scatter_time(graph, group, nbytes, device=device).time
     if op in ("alltoall", "all_to_all"):
-        return all_to_all_time(graph, group, uniform_matrix(ranks, nbytes)).time
+        return all_to_all_time(graph, group, uniform_matrix(ranks, nbytes), kernel="nccl", device=device).time
     raise InputError(f"unknown collective {op!r}: expected all_reduce, all_gather, reduce_scatter or alltoall",
                      source=source)
 
@@ -235,7 +238,7 @@ def predict_nccl(table: Table, device, graph=None, **_) -> list[Cases]:
         raise InputError(f"unknown nccl_dtype {unknown[0]!r}; expected one of {', '.join(_NCCL_ELEMENT_BYTES)}",
                          source=str(table.path))
     nbytes = size * np.array([_NCCL_ELEMENT_BYTES[d] for d in dtype])
-    predicted = np.array([_collective(graph, op[i], int(ranks[i]), float(nbytes[i]), str(table.path))
+    predicted = np.array([_collective(graph, op[i], int(ranks[i]), float(nbytes[i]), str(table.path), device)
                           for i in range(len(table))])
     regime = np.array([f"{o.replace('alltoall', 'all_to_all')}, {n} GPUs" for o, n in zip(op, ranks)])
     return [Cases("NCCL", table.name, regime, nbytes, "message bytes", table.seconds["latency"], predicted)]
@@ -243,7 +246,7 @@ def predict_nccl(table: Table, device, graph=None, **_) -> list[Cases]:
 
 def predict_custom_allreduce(table: Table, device, graph=None, **_) -> list[Cases]:
     ranks, nbytes = _ints(table, "num_gpus"), table.get("message_size") * 2.0  # bf16 elements
-    predicted = np.array([_collective(graph, "all_reduce", int(ranks[i]), float(nbytes[i]), str(table.path))
+    predicted = np.array([_collective(graph, "all_reduce", int(ranks[i]), float(nbytes[i]), str(table.path), device)
                           for i in range(len(table))])
     regime = np.array([f"all_reduce, {b}" for b in _texts(table, "backend")])
     return [Cases("custom all-reduce (vLLM)", table.name, regime, nbytes, "message bytes", table.seconds["latency"],
@@ -258,7 +261,7 @@ def _ranks_reached(experts: int, top_k: int, ranks: int) -> float:
     return ranks * (1.0 - miss)
 
 
-def _deepep(table: Table, graph, mode: str) -> list[Cases]:
+def _deepep(table: Table, graph, mode: str, device=None) -> list[Cases]:
     hidden, tokens, k, experts = (_ints(table, c) for c in ("hidden_size", "num_token", "num_topk", "num_experts"))
     group = accelerators(graph)[:8]
     ranks = len(group)
@@ -271,7 +274,11 @@ def _deepep(table: Table, graph, mode: str) -> list[Cases]:
                 per_rank = tokens[i] * k[i] * hidden[i] * element
             else:  # one bf16 copy per destination rank
                 per_rank = tokens[i] * _ranks_reached(int(experts[i]), int(k[i]), ranks) * hidden[i] * 2.0
-            predicted[i] = all_to_all_time(graph, group, uniform_matrix(ranks, per_rank)).time
+            sms = int(table.get(f"{quantity}_sms")[i]) if mode == "normal" else 0
+            element = (1.0 + _FP8_SCALE_BYTES) if mode == "ll" and quantity == "dispatch" else 2.0
+            predicted[i] = all_to_all_time(graph, group, uniform_matrix(ranks, per_rank), kernel=f"deepep_{mode}_{quantity}",
+                                           device=device, sms=sms, experts=int(experts[i]),
+                                           token_bytes=tokens[i] * hidden[i] * element).time
         regime = np.full(len(table), f"{mode} {quantity}")
         if mode == "normal":
             regime = np.array([f"normal {quantity}, {s} SMs" for s in _ints(table, f"{quantity}_sms")])
@@ -281,11 +288,11 @@ def _deepep(table: Table, graph, mode: str) -> list[Cases]:
 
 
 def predict_deepep_ll(table: Table, device, graph=None, **_) -> list[Cases]:
-    return _deepep(table, graph, "ll")
+    return _deepep(table, graph, "ll", device)
 
 
 def predict_deepep_normal(table: Table, device, graph=None, **_) -> list[Cases]:
-    return _deepep(table, graph, "normal")
+    return _deepep(table, graph, "normal", device)
 
 
 PREDICTORS = {
