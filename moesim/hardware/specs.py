@@ -78,7 +78,7 @@ class Efficiency(Spec):
     tile_n: int = Field(128, gt=0)
     k_half: float = Field(128.0, ge=0)
     moe_tile_m: int = Field(64, gt=0)
-    # Figures moesim.cost.attention, .collectives and .gemm read when present (an empty table
+    # Figures moesim.cost.attention and .collectives read when present (zero or an empty table
     # keeps the plain roofline / alpha-beta model); docs/cost-model.md says what each means.
     decode_per_sequence: Seconds = Field(0.0, description="decode attention: time per work unit, one (sequence, "
                                          "KV head) or one MLA (sequence, 64-head tile): its first key block, block "
@@ -100,6 +100,7 @@ class Efficiency(Spec):
                                       "(all_reduce with NVLS, all_to_all)")
     deepep: dict[str, float] = Field(default_factory=dict, description="DeepEP kernel figures: '<mode>_<phase>_floor' "
                                      "(s), '<mode>_<phase>_rate' (B/s per SM for normal, per local expert for ll), "
+                                     "'<mode>_<phase>_cap' (B/s), '<mode>_<phase>_token' (copies per token), "
                                      "'ll_expert' (s per expert)")
 
     def compute_for(self, *names: str) -> float:
