@@ -136,7 +136,9 @@ def test_sample_is_deterministic_and_in_table_order(folder):
 def test_fit_recovers_known_efficiency_from_rows_the_cost_model_made(tmp_path):
     base = catalog.device("h100-sxm")
     truth = calibrate.with_values(base, {("efficiency", "compute", "bf16"): 0.62, ("efficiency", "memory"): 0.7})
-    shapes = [(m, n, k) for m in (1, 8, 64, 512, 2048, 8192) for n, k in ((4096, 4096), (14336, 4096), (1024, 7168))]
+    # a shallow reduction (k = 256) too, so pipeline fill (k_half) is told apart from compute efficiency
+    shapes = [(m, n, k) for m in (1, 8, 64, 512, 2048, 8192) for n, k in ((4096, 4096), (14336, 4096), (1024, 7168),
+                                                                          (4096, 256))]
     _write(tmp_path / "gemm_vllm_0.19.0_gemm_perf.csv", ["gemm_dtype", "m", "n", "k", "latency"], _gemm_rows(truth, shapes))
     table = read_folder(tmp_path)
     fitted, record = calibrate.fit(base, table)
@@ -151,7 +153,7 @@ def test_fit_recovers_known_efficiency_from_rows_the_cost_model_made(tmp_path):
     loaded = calibrate.load_device(str(path))
     assert loaded.efficiency.compute["bf16"] == pytest.approx(0.62, rel=0.03)
     text = path.read_text()
-    assert "gemm_vllm_0.19.0_gemm_perf: 18 calibration rows used" in text and "upstream commit abc" in text
+    assert "gemm_vllm_0.19.0_gemm_perf: 24 calibration rows used" in text and "upstream commit abc" in text
 
 
 # -- command ---------------------------------------------------------------------------------
