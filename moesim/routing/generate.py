@@ -230,7 +230,10 @@ def _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g, gr
     if algo == 1:
         target = u * sel_mass
         si = 0
-        if n_sel <= _SEL_PAD:
+        if n_sel <= 4:  # DeepSeek-V3's top-4 groups: a shorter fixed search (always the same way)
+            for q in range(1, 4):
+                si += sel_before[_u(q)] <= target
+        elif n_sel <= _SEL_PAD:
             for q in range(1, _SEL_PAD):
                 si += sel_before[_u(q)] <= target
         else:
@@ -250,12 +253,12 @@ def _untaken(c, small, used, taken_at, stamp):
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _free(c, small, used, gmask, taken_at, group_at, group_of, stamp, algo, g_lo, g_hi):
-    """Expert ``c`` (>= 0) is allowed (in a chosen group, in the slot's group) and not yet chosen."""
+def _allowed(c, small, gmask, group_at, group_of, stamp, algo, g_lo, g_hi):
+    """Expert ``c`` (>= 0) is in a chosen group (group-limited) and in the slot's group (grouped)."""
     if small:
-        ok = ((used | ~gmask) >> np.uint64(c)) & np.uint64(1) == np.uint64(0)
+        ok = (~gmask >> np.uint64(c)) & np.uint64(1) == np.uint64(0)
     else:
-        ok = (taken_at[_u(c)] != stamp) & ((algo != 1) | (group_at[_u(group_of[_u(c)])] == stamp))
+        ok = (algo != 1) | (group_at[_u(group_of[_u(c)])] == stamp)
     return ok & (g_lo <= c) & (c < g_hi)
 
 
@@ -334,9 +337,16 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
         algo = len(algo_tag) - 1
         small = len(small_tag) == 2
         k = len(k_tag)
-        # [layer, slot]: the previous token's choices; a slot's entry becomes this token's choice
-        # once made, which is what the next layer's affinity reads
-        prev = np.full(L * k, -1, dtype=np.int64)
+        t0 = seq_start[s]
+        n = seq_start[s + 1] - t0
+        # Layer by layer, token by token inside the sequence: a (token, layer) needs the previous
+        # token at the same layer (locality) and the same token at the layer before (affinity),
+        # both already made in this order, and a layer's tables then stay in the L1 cache for
+        # the whole sequence. The draws are hashes of (token, layer, slot), so the order does
+        # not change them. ``here`` holds this layer's choices [token, slot], ``below`` the
+        # layer before's.
+        here_c = np.full(n * k, -1, dtype=np.int64)
+        below = np.full(n * k, -1, dtype=np.int64)
         # Stamps instead of per-(token, layer) sets: the expert (group) is taken (chosen) by the
         # current (token, layer) when its entry equals ``stamp``, which goes up by one per
         # (token, layer). Nothing is cleared between layers, and a test is one load and compare.
@@ -348,20 +358,30 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
         sel_before = np.full(n_pad, np.inf)
         sel_inv = np.zeros(n_pad)
         cum = np.zeros(n_group)
+        cand_loc = np.empty(k, dtype=np.int64)
+        cand_aff = np.empty(k, dtype=np.int64)
+        cand_pop = np.empty(k, dtype=np.int64)
+        pre_loc = np.empty(k, dtype=np.bool_)
+        pre_aff = np.empty(k, dtype=np.bool_)
         dom = seq_domain[s]
-        t0 = seq_start[s]
-        ep = min(t0 // interval, epochs - 1)
-        next_epoch = (t0 // interval + 1) * interval
-        for t in range(t0, seq_start[s + 1]):
-            if t == next_epoch:  # no division per token
-                ep = min(ep + 1, epochs - 1)
-                next_epoch += interval
-            token_key = np.uint64(seed) * _GOLDEN ^ np.uint64(t) * _MIX1
-            for layer in range(L):
+        for layer in range(L):
+            here_c, below = below, here_c
+            ep = min(t0 // interval, epochs - 1)
+            next_epoch = (t0 // interval + 1) * interval
+            # the tests as integer compares of 16-bit fields: v / 2**16 < p exactly when
+            # v < ceil(p * 2**16) (scaling by a power of two is exact)
+            loc = np.int64(np.ceil(locality[layer] * 65536.0))
+            aff = np.int64(np.ceil(affinity[layer] * 65536.0)) if layer > 0 else 0
+            succ_row = max(layer - 1, 0) * E
+            layer_key = np.uint64(layer * 65536)
+            for t in range(t0, t0 + n):
+                if t == next_epoch:  # no division per token
+                    ep = min(ep + 1, epochs - 1)
+                    next_epoch += interval
+                token_key = np.uint64(seed) * _GOLDEN ^ np.uint64(t) * _MIX1
                 stamp += 1
                 row = (ep * D + dom) * L + layer
                 row_e = row * E
-                layer_key = np.uint64(layer * 65536)
                 sel_mass = 0.0
                 n_sel = 0
                 gmask = ~np.uint64(0)
@@ -387,38 +407,49 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                             group_at[_u(sel_g[q])] = stamp
                             gmask |= group_bits[_u(sel_g[q])]
                     n_sel = topk_group
-                loc = locality[layer]
-                aff = affinity[layer] if layer > 0 else 0.0
-                here = layer * k
-                up_row = max(here - k, 0)  # layer 0: any valid row (its affinity is 0)
-                succ_row = max(layer - 1, 0) * E
+                here = (t - t0) * k  # this token's slots in ``here_c`` and ``below``
+                back = here - k  # the previous token's (none for the first)
                 used = np.uint64(0)
                 ob = (t * L + layer) * k
                 mass = 0.0
                 g_fix = 0
                 g_lo = 0
                 g_hi = E
+                # Phase 1: every slot's candidates, which need nothing of the other slots' choices,
+                # so the slots' hash and table look-ups run side by side. Phase 2 then takes them
+                # slot by slot; its tests wait only on the choices before, so a repeated draw is
+                # found (and its branch resolved) early, not at the end of a look-up chain.
                 for j in range(k):
                     if algo == 2:
                         g_fix = j // per_group
                         g_lo = g_fix * group_size
                         g_hi = g_lo + group_size
                     h = _draw_hash(token_key, layer_key, j, _D_TESTS)
-                    # Every candidate of the slot is worked out and the first that may be taken is
-                    # selected without a branch: the locality and affinity tests are coin flips,
-                    # and branches on them were mispredicted a large share of the time.
-                    # 1. temporal locality
-                    c_loc = prev[_u(here + j)]
-                    ok_loc = ((c_loc >= 0) & (_field(h, _SHIFT_LOCAL) < loc)
-                              & _free(max(c_loc, 0), small, used, gmask, taken_at, group_at, group_of, stamp, algo, g_lo, g_hi))
-                    # 2. cross-layer affinity
-                    up = prev[_u(up_row + j)]
-                    c_aff = np.int64(successors[_u((succ_row + max(up, 0)) * fan + ((np.int64(h >> np.uint64(_SHIFT_SUCC)) & 0xFF) * fan >> 8))])
-                    ok_aff = ((up >= 0) & (_field(h, _SHIFT_AFFINE) < aff)
-                              & _free(c_aff, small, used, gmask, taken_at, group_at, group_of, stamp, algo, g_lo, g_hi))
-                    # 3. popularity, the first attempt from the same hash (allowed by construction)
-                    c_pop = _popularity_draw(_pop_field(h), algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g_fix, group_size,
-                                             alias_prob, alias_idx, row_e)
+                    c_loc = here_c[_u(back + j)] if back >= 0 else -1  # temporal locality
+                    cand_loc[_u(j)] = c_loc
+                    pre_loc[_u(j)] = ((c_loc >= 0) & (np.int64((h >> np.uint64(_SHIFT_LOCAL)) & np.uint64(0xFFFF)) < loc)
+                                      & _allowed(max(c_loc, 0), small, gmask, group_at, group_of, stamp, algo, g_lo, g_hi))
+                    up = below[_u(here + j)]  # cross-layer affinity; layer 0: the buffer's -1 (its affinity is 0)
+                    c_aff = np.int64(successors[_u((succ_row + max(up, 0)) * fan
+                                                   + ((np.int64(h >> np.uint64(_SHIFT_SUCC)) & 0xFF) * fan >> 8))])
+                    cand_aff[_u(j)] = c_aff
+                    pre_aff[_u(j)] = ((up >= 0) & (np.int64((h >> np.uint64(_SHIFT_AFFINE)) & np.uint64(0xFFFF)) < aff)
+                                      & _allowed(c_aff, small, gmask, group_at, group_of, stamp, algo, g_lo, g_hi))
+                    # popularity, the first attempt from the same hash (allowed by construction)
+                    cand_pop[_u(j)] = _popularity_draw(_pop_field(h), algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g_fix,
+                                                       group_size, alias_prob, alias_idx, row_e)
+                for j in range(k):
+                    if algo == 2:
+                        g_fix = j // per_group
+                        g_lo = g_fix * group_size
+                        g_hi = g_lo + group_size
+                    # the first candidate that may be taken is selected without a branch: the
+                    # locality and affinity tests are coin flips, mispredicted as branches
+                    c_loc = cand_loc[_u(j)]
+                    ok_loc = pre_loc[_u(j)] & _untaken(max(c_loc, 0), small, used, taken_at, stamp)
+                    c_aff = cand_aff[_u(j)]
+                    ok_aff = pre_aff[_u(j)] & _untaken(c_aff, small, used, taken_at, stamp)
+                    c_pop = cand_pop[_u(j)]
                     ok_pop = _untaken(c_pop, small, used, taken_at, stamp)
                     pick = c_loc if ok_loc else (c_aff if ok_aff else c_pop)
                     if not (ok_loc | ok_aff | ok_pop):
@@ -433,7 +464,8 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                                 break
                         if pick < 0:
                             for cand in range(g_lo, g_hi):
-                                if _free(cand, small, used, gmask, taken_at, group_at, group_of, stamp, algo, g_lo, g_hi):
+                                if (_allowed(cand, small, gmask, group_at, group_of, stamp, algo, g_lo, g_hi)
+                                        & _untaken(cand, small, used, taken_at, stamp)):
                                     pick = cand
                                     break
                     if pick >= 0:
@@ -441,7 +473,7 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                             used |= np.uint64(1) << np.uint64(pick)
                         else:
                             taken_at[_u(pick)] = stamp
-                    prev[_u(here + j)] = pick
+                    here_c[_u(here + j)] = pick
                     if null_rate > 0.0 and _unit(_draw_hash(token_key, layer_key, j, _D_NULL)) < null_rate:
                         out[_u(ob + j)] = -1
                     else:
@@ -451,7 +483,7 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                         if mass >= threshold:
                             for i in range(j + 1, k):  # the remaining slots stay empty
                                 out[ob + i] = -1
-                                prev[here + i] = -1
+                                here_c[here + i] = -1
                             break
 
 
