@@ -100,6 +100,19 @@ def _counts(phy2log: np.ndarray, experts: int) -> np.ndarray:
     return np.stack([np.bincount(row, minlength=experts) for row in phy2log])
 
 
+def log2phy_map(phy2log: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """EPLB's ``log2phy`` ``[layers, experts, most replicas]``: each expert's slots in order,
+    padded with -1; ``count`` the replicas per expert ``[layers, experts]``."""
+    layers, experts = count.shape
+    log2phy = np.full((layers, experts, int(count.max())), -1, dtype=np.int64)
+    for layer in range(layers):
+        seen = np.zeros(experts, dtype=np.int64)
+        for slot, expert in enumerate(phy2log[layer]):
+            log2phy[layer, expert, seen[expert]] = slot
+            seen[expert] += 1
+    return log2phy
+
+
 def rebalance_experts(weight: np.ndarray, slots: int, groups: int, nodes: int, gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """EPLB: ``weight`` ``[layers, experts]`` loads, ``slots`` physical experts in all (experts
     plus redundant ones), ``groups`` expert groups (group-limited routing; 1 if none), ``nodes``
@@ -120,10 +133,4 @@ def rebalance_experts(weight: np.ndarray, slots: int, groups: int, nodes: int, g
         phy2log, count = _hierarchical(weight, slots, groups, nodes, gpus)
     else:
         phy2log, count = _hierarchical(weight, slots, 1, 1, gpus)
-    log2phy = np.full((layers, experts, int(count.max())), -1, dtype=np.int64)
-    for layer in range(layers):
-        seen = np.zeros(experts, dtype=np.int64)
-        for slot, expert in enumerate(phy2log[layer]):
-            log2phy[layer, expert, seen[expert]] = slot
-            seen[expert] += 1
-    return phy2log, log2phy, count
+    return phy2log, log2phy_map(phy2log, count), count

@@ -30,6 +30,7 @@ import numpy as np
 
 from moesim.errors import InputError
 from moesim.files import atomic_write
+from moesim.plan.eplb import log2phy_map
 from moesim.plan.recommend import Recommendation
 
 FORMATS = ("sglang", "vllm-ascend", "npz", "flags")
@@ -80,12 +81,7 @@ def eplb_arrays(rec: Recommendation) -> dict[str, np.ndarray]:
     phy2log, d = _placement(rec, "npz")
     experts = int(d["experts"])
     logcnt = np.stack([np.bincount(row, minlength=experts) for row in phy2log])
-    log2phy = np.full((*logcnt.shape, int(logcnt.max())), -1, dtype=np.int64)
-    for layer, row in enumerate(phy2log):
-        seen = np.zeros(experts, dtype=np.int64)
-        for slot, expert in enumerate(row):
-            log2phy[layer, expert, seen[expert]] = slot
-            seen[expert] += 1
+    log2phy = log2phy_map(phy2log, logcnt)
     weight = np.asarray(d.get("weight", 1.0 / np.take_along_axis(logcnt, phy2log, axis=1)), dtype=np.float64)
     return {"phy2log": phy2log, "log2phy": log2phy, "logcnt": logcnt, "weight": weight}
 
