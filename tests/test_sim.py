@@ -191,3 +191,53 @@ def test_cli_rejects_an_impossible_layout(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "s.yaml" in err[0] and "parallel" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+# -- compiled step pieces against their NumPy / Python references --------------------------------
+
+@pytest.mark.parametrize("experts", [8, 60, 128, 256, 384, 1000])
+def test_compiled_count_stream_step_equals_numpy_bit_for_bit(experts):
+    from moesim.routing.stream import _normal_step, normal_step_reference
+
+    rng = np.random.default_rng(experts)
+    for _ in range(20):
+        L = 58
+        share = rng.dirichlet(np.full(experts, 0.5), size=L)
+        noise, z, rho = rng.standard_normal((L, experts)), rng.standard_normal((L, experts)), rng.random(L) * 0.9
+        tokens = int(rng.integers(300, 9000))
+        ref_noise, ref_counts = normal_step_reference(noise.copy(), z, rho, share, tokens * 8, tokens)
+        counts = np.empty((L, experts), dtype=np.int64)
+        _normal_step(noise, z, rho, np.sqrt(1.0 - rho**2), np.sqrt(share), share, float(tokens * 8), float(tokens), counts)
+        assert np.array_equal(noise, ref_noise) and np.array_equal(counts, ref_counts)
+        assert (counts.sum(axis=1) <= tokens * 8).all() and counts.min() >= 0
+
+
+def test_compiled_two_microbatch_recurrence_equals_the_traced_loop(tmp_path):
+    scn, path = _scenario(tmp_path, policies={"overlap": "two_microbatch"})
+    sim = build(scn, path)
+    model = sim.groups[0].model
+    rng = np.random.default_rng(1)
+    R, L, E = model.replicas, len(model.arch.moe_layers), model.arch.moe.num_experts
+    for decode in (1, 7, 40):
+        tokens = decode * R
+        counts = np.stack([rng.multinomial(tokens * model.arch.moe.top_k, rng.dirichlet(np.ones(E))) for _ in range(L)])
+        load = StepLoad(np.full(R, decode), rng.integers(100, 900, R), np.zeros(R, dtype=np.int64), [], np.minimum(counts, tokens))
+        fast = model.cost(load)
+        traced = model.cost(load, detail=True)  # the Python loop, recording spans
+        assert fast.duration == traced.duration and traced.spans
+
+
+def test_two_micro_batches_costed_together_equal_each_alone(tmp_path):
+    scn, path = _scenario(tmp_path, policies={"overlap": "two_microbatch", "dispatch": "least_loaded"})
+    model = build(scn, path).groups[0].model
+    rng = np.random.default_rng(2)
+    R, L, E = model.replicas, len(model.arch.moe_layers), model.arch.moe.num_experts
+    counts = np.stack([rng.multinomial(64 * R * model.arch.moe.top_k, rng.dirichlet(np.full(E, 0.3))) for _ in range(L)])
+    load = StepLoad(np.full(R, 64), np.full(R, 500), np.zeros(R, dtype=np.int64), [], np.minimum(counts, 64 * R))
+    halves = [load.half(True), load.half(False)]
+    together = model._phases_many(halves)
+    for half, ph in zip(halves, together):
+        alone = model._phases(half)
+        for key in ("A", "S", "X", "D", "C", "head", "comm", "rank_slots"):
+            np.testing.assert_allclose(ph[key], alone[key], rtol=1e-12)
+        assert ph["dropped"] == alone["dropped"] and ph["slots"] == alone["slots"]

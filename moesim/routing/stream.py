@@ -18,6 +18,9 @@ binomials; smaller steps draw the exact process.
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 
 from moesim.routing.generate import _inclusion
@@ -37,6 +40,115 @@ def round_to_total(values: np.ndarray, totals: np.ndarray) -> np.ndarray:
     return np.diff(edges, axis=1, prepend=0.0).astype(np.int64)
 
 
+def normal_step_reference(noise: np.ndarray, z: np.ndarray, rho: np.ndarray, share: np.ndarray, slots: int,
+                          tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """One normal-regime step in NumPy (the reference :func:`_normal_step` is tested against):
+    the AR(1) noise ``[layers, experts]`` moved on by the standard normal draws ``z`` with
+    lag-one correlation ``rho`` ``[layers]``, and the counts it gives. Returns (noise, counts)."""
+    rho = rho[:, None]
+    noise = rho * noise + np.sqrt(1.0 - rho**2) * z
+    # multinomial covariance: diag(p) - p p^T, through the centred sqrt(p) projection
+    root = np.sqrt(share)
+    centred = root * noise - share * (root * noise).sum(axis=1, keepdims=True)
+    mean = slots * share
+    counts = round_to_total(mean + np.sqrt(slots) * centred, np.full(share.shape[0], slots))
+    return noise, np.minimum(counts, tokens)
+
+
+@numba.njit(cache=True)
+def _block_sum(a, lo, n):
+    """``a[lo:lo+n].sum()`` for ``n <= 128`` in NumPy's order (eight running sums, then the
+    rest), so the compiled step gives NumPy's counts bit for bit."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = lo + 8
+    stop = lo + n - n % 8
+    while i < stop:
+        r0 += a[i]
+        r1 += a[i + 1]
+        r2 += a[i + 2]
+        r3 += a[i + 3]
+        r4 += a[i + 4]
+        r5 += a[i + 5]
+        r6 += a[i + 6]
+        r7 += a[i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < lo + n:
+        res += a[i]
+        i += 1
+    return res
+
+
+# NumPy sums a longer row pairwise: halves (cut at a multiple of 8) until blocks of 128. Numba
+# cannot cache a recursive function, so each level of halving is its own function; four cover
+# rows of up to PAIRWISE_MAX elements (experts of one layer).
+PAIRWISE_MAX = 2048
+
+
+@numba.njit(cache=True)
+def _pairwise_256(a, lo, n):
+    if n <= 128:
+        return _block_sum(a, lo, n)
+    half = n // 2 - (n // 2) % 8
+    return _block_sum(a, lo, half) + _block_sum(a, lo + half, n - half)
+
+
+@numba.njit(cache=True)
+def _pairwise_512(a, lo, n):
+    if n <= 128:
+        return _block_sum(a, lo, n)
+    half = n // 2 - (n // 2) % 8
+    return _pairwise_256(a, lo, half) + _pairwise_256(a, lo + half, n - half)
+
+
+@numba.njit(cache=True)
+def _pairwise_1024(a, lo, n):
+    if n <= 128:
+        return _block_sum(a, lo, n)
+    half = n // 2 - (n // 2) % 8
+    return _pairwise_512(a, lo, half) + _pairwise_512(a, lo + half, n - half)
+
+
+@numba.njit(cache=True)
+def _pairwise_sum(a, lo, n):
+    """``a[lo:lo+n].sum()`` as NumPy adds it, for ``n <= PAIRWISE_MAX``."""
+    if n <= 128:
+        return _block_sum(a, lo, n)
+    half = n // 2 - (n // 2) % 8
+    return _pairwise_1024(a, lo, half) + _pairwise_1024(a, lo + half, n - half)
+
+
+@numba.njit(cache=True)
+def _normal_step(noise, z, rho, keep, root, share, slots, tokens, counts):
+    """:func:`normal_step_reference` in place: ``noise`` moves on, ``counts`` is written;
+    ``keep`` = sqrt(1 - rho^2), ``root`` = sqrt(share)."""
+    L, E = noise.shape
+    row = np.empty(E)
+    spread = math.sqrt(slots)
+    for l in range(L):
+        for e in range(E):
+            noise[l, e] = rho[l] * noise[l, e] + keep[l] * z[l, e]
+            row[e] = root[l, e] * noise[l, e]
+        projected = 0.0 + _pairwise_sum(row, 0, E)
+        for e in range(E):
+            value = slots * share[l, e] + spread * (row[e] - share[l, e] * projected)
+            row[e] = max(value, 0.0)
+        # round_to_total: systematic rounding of the running sum, keeping the row's total
+        scale = slots / max(0.0 + _pairwise_sum(row, 0, E), 1e-300)
+        edge = running = 0.0
+        for e in range(E):
+            running += row[e] * scale
+            upper = slots if e == E - 1 else math.floor(running + 0.5)
+            counts[l, e] = min(int(upper - edge), int(tokens))
+            edge = upper
+
+
 class CountStream:
     """Tokens per expert ``[layers, experts]`` for successive steps of a serving run.
 
@@ -49,6 +161,7 @@ class CountStream:
         E = profile.num_experts
         share = _inclusion(profile, seed, sample or max(20_000, 50 * E))  # [domains, layers, experts]
         self.share = share.mean(axis=0)  # the workload mixes the domains evenly
+        self.root = np.sqrt(self.share)
         self.locality = profile.per_layer("locality")
         self.rng = np.random.default_rng([seed, 0x57E9])
         self.previous = None  # last step's counts
@@ -64,20 +177,18 @@ class CountStream:
         carry = continuing / max(self.last_tokens, tokens) if self.previous is not None else 0.0
         carry = min(1.0, carry)
         if slots / E >= NORMAL_REGIME:
-            rho = (self.locality * carry)[:, None]
+            rho = self.locality * carry
             z = self.rng.standard_normal((L, E))
-            self.noise = rho * self.noise + np.sqrt(1.0 - rho**2) * z
-            # multinomial covariance: diag(p) - p p^T, through the centred sqrt(p) projection
-            root = np.sqrt(self.share)
-            centred = root * self.noise - self.share * (root * self.noise).sum(axis=1, keepdims=True)
-            mean = slots * self.share
-            counts = round_to_total(mean + np.sqrt(slots) * centred, np.full(L, slots))
+            if E <= PAIRWISE_MAX:
+                counts = np.empty((L, E), dtype=np.int64)
+                _normal_step(self.noise, z, rho, np.sqrt(1.0 - rho**2), self.root, self.share, float(slots), float(tokens), counts)
+            else:
+                self.noise, counts = normal_step_reference(self.noise, z, rho, self.share, slots, tokens)
         else:
             kept = np.zeros((L, E), dtype=np.int64)
             if self.previous is not None and carry > 0:
                 kept = self.rng.binomial(self.previous, np.clip(self.locality * carry, 0, 1)[:, None])
             fresh = np.maximum(slots - kept.sum(axis=1), 0)
-            counts = kept + self.rng.multinomial(fresh, self.share)
-        counts = np.minimum(counts, tokens)  # a token picks an expert at most once
+            counts = np.minimum(kept + self.rng.multinomial(fresh, self.share), tokens)  # a token picks an expert at most once
         self.previous, self.last_tokens = counts, tokens
         return counts

@@ -39,6 +39,7 @@ from moesim.dtypes import dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
 from moesim.models.arch import ModelArch
 from moesim.sim.dispatch import Dispatch
+from moesim.sim.kernels import two_microbatch_end
 from moesim.sim.placement import Placement
 
 OVERLAP = ("none", "shared_expert", "two_microbatch")
@@ -118,6 +119,7 @@ class StepModel:
         self.is_moe = np.array([layer.moe for layer in self.layers])
         self.windows = sorted({layer.window or 0 for layer in self.layers})
         self.window_of = np.array([self.windows.index(layer.window or 0) for layer in self.layers])
+        self.dense_layers = np.flatnonzero(~self.is_moe)
         self.placement, self.dispatch = placement, dispatch
         moe = arch.moe
         self.a2a = None
@@ -136,18 +138,22 @@ class StepModel:
             value = self._memo[key] = float(sum(op.time for op in make()))
         return value
 
-    def _per_replica(self, name: str, tokens: np.ndarray, make) -> np.ndarray:
+    def _per_replica(self, name: str, tokens, make) -> np.ndarray:
+        """Seconds of ``make(t)`` for each replica's ``t`` tokens; ``tokens`` is an array or its
+        ``np.unique(..., return_inverse=True)`` pair (one step reuses it for many operators)."""
         # replicas mostly run the same batch size: cost each distinct size once
-        sizes, which = np.unique(tokens, return_inverse=True)
-        return np.array([self._sum((name, int(t)), lambda t=int(t): make(t)) if t else 0.0 for t in sizes])[which]
+        sizes, which = np.unique(tokens, return_inverse=True) if isinstance(tokens, np.ndarray) else tokens
+        return np.array([self._sum((name, t), lambda t=t: make(t)) if t else 0.0 for t in sizes.tolist()])[which]
 
     def _attention(self, load: StepLoad) -> np.ndarray:
         """``[windows, replicas]``: the attention block per replica for each sliding window."""
         c, R = self.costing, self.replicas
         tokens = load.tokens
-        pairs, which = np.unique(np.stack([tokens, load.prefill], axis=1), axis=0, return_inverse=True)
-        proj = np.array([self._sum(("proj", int(t), int(p)), lambda t=int(t), p=int(p): sum(c.projections(t, p), []))
-                         if t else 0.0 for t, p in pairs])[which.reshape(-1)]
+        # distinct (tokens, prompt tokens) pairs, as one integer key each (prefill <= tokens)
+        span = int(tokens.max(initial=0)) + 1
+        keys, which = np.unique(tokens * span + load.prefill, return_inverse=True)
+        proj = np.array([self._sum(("proj", t, p), lambda t=t, p=p: sum(c.projections(t, p), []))
+                         if t else 0.0 for t, p in zip((keys // span).tolist(), (keys % span).tolist())])[which.reshape(-1)]
         out = np.zeros((len(self.windows), R))
         decoding = load.decode > 0
         for w, window in enumerate(self.windows):
@@ -165,52 +171,65 @@ class StepModel:
     def _phases(self, load: StepLoad) -> dict:
         """Per layer and rank: compute before the barrier, shared experts, dispatch, experts,
         combine; and the tail after the last MoE layer."""
+        return self._phases_many([load])[0]
+
+    def _phases_many(self, loads: list[StepLoad]) -> list[dict]:
+        """:meth:`_phases` of several loads (the two micro-batches of a step): their expert-parallel
+        layers are costed in one pass, as if they were one step of twice the layers."""
         c, arch, lay = self.costing, self.arch, self.layout
-        tokens = load.tokens
-        attention = self._attention(load)  # [windows, R]
-        A = attention[self.window_of]  # [layers, R]
-        S = np.zeros_like(A)
-        dense_layers = np.flatnonzero(~self.is_moe)
-        for l in dense_layers:
-            layer = self.layers[l]
-            A[l] += self._per_replica(f"dense{layer.dense_inter}", tokens, lambda t, layer=layer: c.dense_block(layer, t))
         M = int(self.is_moe.sum())
         ep = lay.ep
-        X = np.zeros((M, max(ep, 1) if self.a2a is not None else self.replicas))
-        D = np.zeros(M)
-        C = np.zeros(M)
-        comm = np.zeros(len(self.devices))
-        dropped = 0
-        slots = int(load.counts.sum())
-        rank_slots = np.zeros(X.shape[1])
+        kw = None
         if M:
             moe = arch.moe
-            pre = self._per_replica("moe_pre", tokens, c.moe_pre)
-            shared = self._per_replica("moe_shared", tokens, c.moe_shared)
-            A[self.is_moe] += pre
-            S[self.is_moe] = shared
             kw = dict(hidden=arch.hidden, inter=moe.expert_inter, dtype=c.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated)
-            if self.a2a is not None:
-                X, D, C, comm, dropped, rank_slots = self._expert_parallel(load, kw)
-            elif lay.expert_tp > lay.tp:
-                group = int(tokens.sum())
-                X = np.broadcast_to(expert_times(self.device, load.counts, tokens=max(group, 1), top_k=moe.top_k, **kw)[:, None],
-                                    (M, self.replicas)).copy()
-                gather = self._sum(("gather", group), lambda: [c.moe_gather_scatter(group)[0]]) if group else 0.0
-                scatter = self._sum(("scatter", group), lambda: [c.moe_gather_scatter(group)[1]]) if group else 0.0
-                D[:], C[:] = gather, scatter
-                comm[:] = M * (gather + scatter)
-                rank_slots = np.full(self.replicas, float(load.counts.sum()))
-            else:
-                per_replica = load.source if load.source is not None else self._split(load.counts, tokens)
-                X = expert_times(self.device, np.moveaxis(per_replica, 0, 1), tokens=np.maximum(tokens, 1)[None, :],
-                                 top_k=moe.top_k, **kw)
-                X = np.where(tokens[None, :] > 0, X, 0.0)
-                rank_slots = per_replica.sum(axis=(1, 2)).astype(np.float64)
-        finishing = np.bincount(np.array([ch[0] for ch in load.chunks], dtype=np.int64), minlength=self.replicas)
-        head = self._per_replica("lm_head", load.decode + finishing,
-                                 lambda t: [c.lm_head(t)])
-        return dict(A=A, S=S, X=X, D=D, C=C, head=head, comm=comm, dropped=dropped, slots=slots, rank_slots=rank_slots)
+        out = []
+        for load in loads:
+            tokens = load.tokens
+            sizes = np.unique(tokens, return_inverse=True)
+            attention = self._attention(load)  # [windows, R]
+            A = attention[self.window_of]  # [layers, R]
+            S = np.zeros_like(A)
+            for l in self.dense_layers:
+                layer = self.layers[l]
+                A[l] += self._per_replica(f"dense{layer.dense_inter}", sizes, lambda t, layer=layer: c.dense_block(layer, t))
+            X = np.zeros((M, max(ep, 1) if self.a2a is not None else self.replicas))
+            D = np.zeros(M)
+            C = np.zeros(M)
+            comm = np.zeros(len(self.devices))
+            dropped = 0
+            slots = int(load.counts.sum())
+            rank_slots = np.zeros(X.shape[1])
+            if M:
+                pre = self._per_replica("moe_pre", sizes, c.moe_pre)
+                shared = self._per_replica("moe_shared", sizes, c.moe_shared)
+                A[self.is_moe] += pre
+                S[self.is_moe] = shared
+                if self.a2a is not None:
+                    pass  # below, all loads at once
+                elif lay.expert_tp > lay.tp:
+                    group = int(tokens.sum())
+                    X = np.broadcast_to(expert_times(self.device, load.counts, tokens=max(group, 1), top_k=moe.top_k, **kw)[:, None],
+                                        (M, self.replicas)).copy()
+                    gather = self._sum(("gather", group), lambda: [c.moe_gather_scatter(group)[0]]) if group else 0.0
+                    scatter = self._sum(("scatter", group), lambda: [c.moe_gather_scatter(group)[1]]) if group else 0.0
+                    D[:], C[:] = gather, scatter
+                    comm[:] = M * (gather + scatter)
+                    rank_slots = np.full(self.replicas, float(load.counts.sum()))
+                else:
+                    per_replica = load.source if load.source is not None else self._split(load.counts, tokens)
+                    X = expert_times(self.device, np.moveaxis(per_replica, 0, 1), tokens=np.maximum(tokens, 1)[None, :],
+                                     top_k=moe.top_k, **kw)
+                    X = np.where(tokens[None, :] > 0, X, 0.0)
+                    rank_slots = per_replica.sum(axis=(1, 2)).astype(np.float64)
+            finishing = np.bincount(np.array([ch[0] for ch in load.chunks], dtype=np.int64), minlength=self.replicas)
+            head = self._per_replica("lm_head", load.decode + finishing,
+                                     lambda t: [c.lm_head(t)])
+            out.append(dict(A=A, S=S, X=X, D=D, C=C, head=head, comm=comm, dropped=dropped, slots=slots, rank_slots=rank_slots))
+        if M and self.a2a is not None:
+            for ph, (X, D, C, comm, dropped, rank_slots) in zip(out, self._expert_parallel(loads, kw)):
+                ph.update(X=X, D=D, C=C, comm=comm, dropped=dropped, rank_slots=rank_slots)
+        return out
 
     def _split(self, counts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """``[replicas, layers, experts]``: the group's counts shared out in proportion to tokens."""
@@ -222,42 +241,59 @@ class StepModel:
         out[int(share.argmax())] += counts - out.sum(axis=0)
         return out
 
-    def _expert_parallel(self, load: StepLoad, kw: dict):
+    def _expert_parallel(self, loads: list[StepLoad], kw: dict) -> list[tuple]:
+        """For each load: expert seconds ``[layers, ep]``, dispatch and combine seconds
+        ``[layers]``, link-busy seconds per device, slots dropped and slots per rank. The loads'
+        layers are stacked (``[loads * layers, ...]``) so that placement, dispatch, expert
+        kernels and the all-to-all run once for all of them."""
         lay, h = self.layout, self.arch.hidden
-        ep = lay.ep
-        physical = self.placement.split(load.counts)
+        ep, n = lay.ep, len(loads)
+        M = loads[0].counts.shape[0]
+        counts = loads[0].counts if n == 1 else np.concatenate([ld.counts for ld in loads])
+        if n == 1 or self.placement.phy2log.shape[0] == 1:
+            physical = self.placement.split(counts)
+        else:  # a per-layer placement: split each load on its own layers
+            physical = np.concatenate([self.placement.split(ld.counts) for ld in loads])
         computed, dropped, moved = self.dispatch.assign(physical, ep, self.expert_bytes)
-        M = computed.shape[0]
-        rows = computed.reshape(M, ep, -1)
+        rows = computed.reshape(n * M, ep, -1)
         X = expert_times(self.device, rows, **kw)
-        X = np.where(rows.sum(axis=2) > 0, X, 0.0)
-        recv = rows.sum(axis=2).astype(np.float64)  # [M, ep] slots each rank computes
+        recv = rows.sum(axis=2)
+        X = np.where(recv > 0, X, 0.0)
+        recv = recv.astype(np.float64)  # [n * M, ep] slots each rank computes
         # source EP rank i belongs to the replica of its first device
         replica_of_rank = (np.arange(ep) * lay.expert_tp) // lay.tp
         ranks_per_replica = max(1, lay.tp // lay.expert_tp)
         a2a, bytes_out, bytes_back = self.a2a, h * self.costing.dispatch_element_bytes, h * dtype_bytes("bf16")
-        if load.source is not None or moved is not None:
-            if load.source is not None:
-                per_source = np.stack([self.placement.split(src).reshape(M, ep, -1).sum(axis=2) for src in load.source], axis=1)
-                kept = np.divide(recv, np.maximum(per_source.sum(axis=1), 1))  # dispatch drops / moves, per destination
-                matrix = (per_source * kept[:, None, :])[:, replica_of_rank, :] / ranks_per_replica
-            else:
-                share = self._source_share(load, replica_of_rank, ranks_per_replica)
-                matrix = share[None, :, None] * recv[:, None, :]
-            dispatch = matrix * bytes_out + (moved if moved is not None else 0.0)
-            combine = np.swapaxes(matrix, 1, 2) * bytes_back
-            d_rank, c_rank = a2a.rank_times(dispatch), a2a.rank_times(combine)
-            sent = matrix.sum(axis=(1, 2)) > 0
-        else:
-            # count level: source i sends share[i] of every rank's slots (a rank-one matrix)
-            share = self._source_share(load, replica_of_rank, ranks_per_replica)
-            d_rank = a2a.rank_times_outer(share[None, :] * bytes_out, recv)
-            c_rank = a2a.rank_times_outer(recv * bytes_back, share[None, :])
+        share = np.stack([self._source_share(ld, replica_of_rank, ranks_per_replica) for ld in loads])  # [n, ep]
+        if moved is None and all(ld.source is None for ld in loads):
+            # count level: source i sends share[i] of every rank's slots (a rank-one matrix);
+            # one load at a time: a taller matrix product can wake BLAS threads, slower here
+            d_rank = np.concatenate([a2a.rank_times_outer(share[i][None, :] * bytes_out, recv[i * M:(i + 1) * M]) for i in range(n)])
+            c_rank = np.concatenate([a2a.rank_times_outer(recv[i * M:(i + 1) * M] * bytes_back, share[i][None, :]) for i in range(n)])
             sent = recv.sum(axis=1) > 0
+        else:
+            d_rank, c_rank, sent = np.empty_like(recv), np.empty_like(recv), np.empty(n * M, dtype=bool)
+            for i, load in enumerate(loads):
+                part = slice(i * M, (i + 1) * M)
+                if load.source is not None:
+                    per_source = np.stack([self.placement.split(src).reshape(M, ep, -1).sum(axis=2) for src in load.source], axis=1)
+                    kept = np.divide(recv[part], np.maximum(per_source.sum(axis=1), 1))  # dispatch drops / moves, per destination
+                    matrix = (per_source * kept[:, None, :])[:, replica_of_rank, :] / ranks_per_replica
+                else:
+                    matrix = share[i][None, :, None] * recv[part][:, None, :]
+                dispatch = matrix * bytes_out + (moved[part] if moved is not None else 0.0)
+                combine = np.swapaxes(matrix, 1, 2) * bytes_back
+                d_rank[part], c_rank[part] = a2a.rank_times(dispatch), a2a.rank_times(combine)
+                sent[part] = matrix.sum(axis=(1, 2)) > 0
         D = d_rank.max(axis=1) + np.where(sent, a2a.latency, 0.0)
         C = c_rank.max(axis=1) + np.where(sent, a2a.latency, 0.0)
-        comm = np.repeat((d_rank + c_rank).sum(axis=0), lay.expert_tp)
-        return X, D, C, comm, int(dropped.sum()), recv.sum(axis=0)
+        busy = d_rank + c_rank
+        out = []
+        for i in range(n):
+            part = slice(i * M, (i + 1) * M)
+            out.append((X[part], D[part], C[part], np.repeat(busy[part].sum(axis=0), lay.expert_tp),
+                        int(dropped[part].sum()), recv[part].sum(axis=0)))
+        return out
 
     @staticmethod
     def _source_share(load: StepLoad, replica_of_rank: np.ndarray, ranks_per_replica: int) -> np.ndarray:
@@ -269,7 +305,7 @@ class StepModel:
         """The step's duration and per-device busy seconds; ``detail`` also returns the spans of
         every layer on every device (for a timeline)."""
         if self.overlap == "two_microbatch" and self.arch.is_moe:
-            halves = [self._phases(load.half(first)) for first in (True, False)]
+            halves = self._phases_many([load.half(True), load.half(False)])
             duration, spans = self._two_microbatch(halves, detail)
             ph = {key: halves[0][key] + halves[1][key] for key in ("A", "S", "X", "head", "comm", "slots", "dropped", "rank_slots")}
         else:
@@ -334,6 +370,11 @@ class StepModel:
     def _two_microbatch(self, halves: list[dict], detail: bool):
         segs = [self._segments(h, False).max(axis=1) for h in halves]
         xs = [h["X"].max(axis=1) for h in halves]
+        tail = max(self._tail(h).max() for h in halves) * 2
+        if not detail:  # the compiled recurrence; the loop below is its reference and records spans
+            end = two_microbatch_end(np.array(segs), np.array(xs), np.array([halves[0]["D"], halves[1]["D"]]),
+                                     np.array([halves[0]["C"], halves[1]["C"]]))
+            return float(end + tail), []
         comp = comm = 0.0
         done = [0.0, 0.0]  # each half's last combine
         spans = []
@@ -355,7 +396,6 @@ class StepModel:
                 done[i] = comm
                 if detail:
                     spans += [(-1, "compute", f"experts mb{i}", start, comp), (-1, "comm", f"combine mb{i}", c_start, comm)]
-        tail = max(self._tail(h).max() for h in halves) * 2
         duration = float(max(comp, comm) + tail)
         if detail:
             spans.append((-1, "compute", "attention+head", max(comp, comm), duration))

@@ -1,0 +1,38 @@
+"""Compiled inner loops of a simulated step (Numba), each with a plain reference kept for tests.
+
+:func:`two_microbatch_end`: the end of DeepSeek's two-micro-batch overlap over a step's MoE
+layers, the loop :meth:`moesim.sim.step.StepModel._two_microbatch` runs in Python when it also
+records spans (the reference).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True)
+def two_microbatch_end(segs: np.ndarray, xs: np.ndarray, dispatch: np.ndarray, combine: np.ndarray) -> float:
+    """Seconds until both micro-batches have left the last MoE layer. Arguments ``[2, layers]``:
+    each half's compute before the layer's dispatch (the slowest replica), its experts (the
+    slowest rank), its dispatch and its combine. One compute and one communication stream;
+    a half's dispatch waits for its compute, its experts for its dispatch, its next layer for
+    its combine."""
+    comp = comm = 0.0
+    done0 = done1 = 0.0  # each half's last combine
+    for m in range(segs.shape[1]):
+        start = max(comp, done0)
+        comp = start + segs[0, m]
+        comm = max(comm, comp) + dispatch[0, m]
+        end0 = comm
+        start = max(comp, done1)
+        comp = start + segs[1, m]
+        comm = max(comm, comp) + dispatch[1, m]
+        end1 = comm
+        comp = max(comp, end0) + xs[0, m]
+        comm = max(comm, comp) + combine[0, m]
+        done0 = comm
+        comp = max(comp, end1) + xs[1, m]
+        comm = max(comm, comp) + combine[1, m]
+        done1 = comm
+    return max(comp, comm)
