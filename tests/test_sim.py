@@ -241,3 +241,21 @@ def test_two_micro_batches_costed_together_equal_each_alone(tmp_path):
         for key in ("A", "S", "X", "D", "C", "head", "comm", "rank_slots"):
             np.testing.assert_allclose(ph[key], alone[key], rtol=1e-12)
         assert ph["dropped"] == alone["dropped"] and ph["slots"] == alone["slots"]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_array_scheduler_equals_the_per_request_reference(tmp_path, monkeypatch, chunked):
+    from dataclasses import replace
+
+    from moesim.sim import engine
+
+    scn, path = _scenario(tmp_path, scheduler={"max_running": 16, "max_batched_tokens": 1024, "chunked_prefill": chunked},
+                          workload={"rate": 100.0, "output": {"mean": 150, "cv": 0.5, "max": 400}})
+    sim = build(scn, path)
+    sim.groups = [replace(g, kv_blocks=100) for g in sim.groups]  # short of KV blocks: decodes preempt
+    fast_log, fast = sim.run()
+    monkeypatch.setattr(engine._Group, "_schedule", engine._Group._schedule_reference)
+    ref_log, ref = sim.run()
+    assert ref["preemptions"] > 0 and fast == ref
+    assert fast_log.steps == ref_log.steps
+    np.testing.assert_array_equal(fast_log.finish, ref_log.finish)

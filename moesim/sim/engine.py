@@ -17,6 +17,7 @@ engines.
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,6 +134,55 @@ class _Group:
 
     # -- one step ------------------------------------------------------------------------------
     def _schedule(self):
+        """This step's decode sequences (an array, replica by replica in running order) and
+        prompt chunks ``(replica, request, tokens, context)``. Every running sequence is
+        classified at once over arrays; only replicas that must preempt or that hold prompts
+        to chunk are walked one request at a time."""
+        ids, rep, dec, grow, grow_per = self._classify()
+        short = np.flatnonzero(grow_per > self.free)
+        if short.size:
+            for r in short.tolist():
+                # KV growth: a decode token that starts a block takes a free one, else the
+                # newest sequence is preempted until the rest fit
+                while np.count_nonzero(grow[rep == r]) > self.free[r] and self._preempt(r):
+                    ids, rep, dec, grow, grow_per = self._classify()
+        self.blocks[ids[grow]] += 1
+        self.free -= grow_per
+        decode_ids = ids[dec]
+        chunks: list[tuple[int, int, int, int]] = []  # (replica, request, tokens, context)
+        prefilling = ~dec & (self.prefilled[ids] < self.target[ids])
+        if prefilling.any():
+            cfg = self.cfg
+            budgets = cfg.max_batched_tokens - np.bincount(rep[dec], minlength=self.R)
+            for r in np.unique(rep[prefilling]).tolist():
+                budget = int(budgets[r])
+                for q in ids[prefilling & (rep == r)].tolist():
+                    if budget <= 0:
+                        break
+                    left = int(self.target[q] - self.prefilled[q])
+                    take = min(left, budget) if cfg.chunked_prefill else (left if left <= budget or not chunks else 0)
+                    if take <= 0:
+                        break
+                    chunks.append((r, q, take, int(self.prefilled[q])))
+                    budget -= take
+        return decode_ids, chunks
+
+    def _classify(self):
+        """The running sequences (``ids`` replica by replica, ``rep`` their replicas), which
+        decode this step, which of those need a new KV block, and how many per replica."""
+        lengths = np.fromiter(map(len, self.running), dtype=np.int64, count=self.R)
+        ids = np.fromiter(chain.from_iterable(self.running), dtype=np.int64, count=int(lengths.sum()))
+        rep = np.repeat(np.arange(self.R), lengths)
+        ready = self.prefilled[ids] >= self.target[ids]
+        dec = ready
+        if not self.cfg.chunked_prefill:  # a replica with a prompt to prefill runs it alone
+            dec = ready & (np.bincount(rep[~ready], minlength=self.R) == 0)[rep]
+        grow = dec & (self.context[ids] % self.cfg.block_size == 0)
+        return ids, rep, dec, grow, np.bincount(rep[grow], minlength=self.R)
+
+    def _schedule_reference(self):
+        """:meth:`_schedule` one replica and one request at a time (the reference the tests
+        compare it with)."""
         cfg = self.cfg
         decode_ids: list[int] = []
         chunks: list[tuple[int, int, int, int]] = []  # (replica, request, tokens, context)
@@ -140,7 +190,6 @@ class _Group:
             running = self.running[r]
             prefilling = [q for q in running if self.prefilled[q] < self.target[q]]
             dec = [] if (prefilling and not cfg.chunked_prefill) else [q for q in running if self.prefilled[q] >= self.target[q]]
-            # KV growth: a decode token that starts a block takes a free one, else preempts
             grow = [q for q in dec if self.context[q] % cfg.block_size == 0]
             while len(grow) > self.free[r] and self._preempt(r):
                 running = self.running[r]
@@ -161,7 +210,7 @@ class _Group:
                 chunks.append((r, q, take, int(self.prefilled[q])))
                 budget -= take
             decode_ids += dec
-        return decode_ids, chunks
+        return np.array(decode_ids, dtype=np.int64), chunks
 
     def _load(self, decode_ids: list[int], chunks) -> StepLoad:
         R = self.R
@@ -216,7 +265,7 @@ class _Group:
         while True:
             self._admit()
             decode_ids, chunks = self._schedule()
-            if not decode_ids and not chunks:
+            if not decode_ids.size and not chunks:
                 self.wakeup = env.event()
                 yield self.wakeup
                 self.wakeup = None
