@@ -93,6 +93,23 @@ class StepCost:
     spans: list = field(default_factory=list)  # (device, stream, name, start, end) when asked
 
 
+def _remembered(gemm):
+    """``gemm(name, tokens, n, k, dtype=None)`` with each distinct call computed once. The
+    OpCosts are shared: the step model only reads their times."""
+    memo: dict = {}
+
+    def cached(name: str, tokens: int, n: int, k: int, dtype: str | None = None):
+        key = (name, tokens, n, k, dtype)
+        try:
+            cost = memo.get(key)
+        except TypeError:  # array-valued shapes: not remembered
+            return gemm(name, tokens, n, k, dtype)
+        if cost is None:
+            cost = memo[key] = gemm(name, tokens, n, k, dtype)
+        return cost
+    return cached
+
+
 class StepModel:
     """Costs steps of one serving group of ``layout`` on ``devices`` (topology node names)."""
 
@@ -113,6 +130,10 @@ class StepModel:
         self.costing = c = LayerCosting(arch, cluster, layout, Workload(1, 1, 1), dtype, expert_dtype, kv_dtype,
                                         group_sequences=1, devices=devices)
         self.device = c.device
+        # A run asks for the same GEMM shapes over and over in new combinations (every step's
+        # (tokens, prompt tokens) pair per replica costs the projections anew): this model's
+        # costing remembers each GEMM, a pure function of its shape on the one device.
+        c._gemm = _remembered(c._gemm)
         self.devices = list(devices)
         self.replicas = layout.dp
         self.layers = list(arch.layers)
