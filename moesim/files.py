@@ -13,6 +13,8 @@ import yaml
 from moesim.errors import InputError
 
 _PACKAGE = Path(__file__).resolve().parent
+_UMASK = os.umask(0)  # read once (setting it is the only way to read it), then put back
+os.umask(_UMASK)
 
 
 def data_dir(name: str) -> Path:
@@ -82,6 +84,8 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     except OSError as exc:
         raise InputError(f"cannot write here ({exc.strerror or exc.__class__.__name__})", source=str(path)) from None
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as handle:
             handle.write(data)
         os.replace(tmp, path)
