@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fit:
         calib = [calibrate.sample(c, args.fit_sample, seed=1) for c, _ in splits]
         say(f"fitting {device.name}'s efficiency figures on {sum(len(c) for c in calib)} calibration rows ...")
-        fitted, record = calibrate.fit(device, calib, progress=None if quiet else
+        fitted, record = calibrate.fit(device, calib, families=wanted, progress=None if quiet else
                                        (lambda sweep, name, loss: console.print(f"  sweep {sweep + 1} {name}: loss {loss:.4f}",
                                                                                 style="dim")))
         fitted = calibrate.rounded(fitted)

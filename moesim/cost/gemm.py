@@ -1,9 +1,12 @@
 """Dense GEMM time: ``[m, k] x [k, n]`` on one device.
 
 Shape effects modelled (all parameters in the device profile's ``efficiency``):
-- wave quantisation: the output is cut into tiles, one per compute unit at a time; a last,
-  partly filled wave wastes the idle units. Small dimensions get smaller tiles, as cuBLAS and
-  CUTLASS heuristics pick them (never below 16 x 32).
+- tile choice and wave quantisation: the output is cut into tiles, one per compute unit at a
+  time; a last, partly filled wave wastes the idle units. A profile listing ``gemm_tiles`` picks,
+  as cuBLAS and CUTLASS heuristics do, the fastest of those tile shapes and of split-K depths
+  (a smaller tile fills more units but loads more operand bytes per multiply-add:
+  ``tile_overhead``). Without the list, one power-of-two tile clamped at ``tile_m x tile_n``.
+  Small dimensions get smaller tiles either way (never below 16 x 32).
 - pipeline fill: a short reduction (``k``) cannot hide the load latency; efficiency
   ``k / (k + k_half)``.
 - roofline: memory-bound shapes (small ``m``, decode) take weight bytes over bandwidth.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from moesim.cost.roofline import OpCost, combine, elementwise, kernel
+from moesim.cost.roofline import OpCost, combine, elementwise, kernel, roofline
 from moesim.dtypes import canonical_dtype, dtype_bytes
 
 
@@ -47,6 +50,48 @@ def wave_efficiency(work_items: int, units: int) -> float:
     return work_items / (waves * units)
 
 
+def _tile_rate(eff, tm: int, tn: int) -> float:
+    """Rate per compute unit of a ``tm x tn`` tile relative to the largest listed tile."""
+    big_m, big_n = max(eff.gemm_tiles, key=lambda t: t[0] * t[1])
+    return (1.0 + eff.tile_overhead * (1.0 / big_m + 1.0 / big_n)) / (1.0 + eff.tile_overhead * (1.0 / tm + 1.0 / tn))
+
+
+def plan(device, m: int, n: int, k: int, flops: float, bytes_moved: float, rate: float,
+         variant: str = "bf16", dtype: str = "bf16") -> tuple[int, int, int, float]:
+    """``(tile_m, tile_n, split, shape efficiency)`` of the fastest ``gemm_tiles`` tile and
+    split-K depth for a GEMM of ``flops`` FLOP and ``bytes_moved`` bytes, ``rate`` FLOP/s being
+    its large-GEMM rate: each candidate is timed by the device's roofline, its split-K partial
+    sums (fp32, written and read back) added to its bytes. A tile takes at least
+    ``k_step`` per 128-deep step of its share of the reduction, wave after wave."""
+    eff = device.efficiency
+    step = eff.k_step.get(variant, eff.k_step.get(dtype, 0.0))
+    splits = variant not in eff.no_split_k and dtype not in eff.no_split_k
+    units = device.compute_units
+    bandwidth = device.memory.bandwidth * eff.memory
+    best = None
+    for big_m, big_n in eff.gemm_tiles:
+        tm, tn = min(big_m, _tile(m, big_m, 16)), min(big_n, _tile(n, big_n, 32))
+        count = math.ceil(m / tm) * math.ceil(n / tn)
+        # work in padded tiles, over the units of the waves it takes
+        fill = m * n / (math.ceil(m / tm) * tm * math.ceil(n / tn) * tn) * _tile_rate(eff, tm, tn)
+        split = 1
+        while True:
+            depth = k / split
+            shape_eff = fill * wave_efficiency(count * split, units) * depth / (depth + eff.k_half)
+            chain = math.ceil(count * split / units) * math.ceil(depth / 128) * step
+            if chain * rate * shape_eff > flops:
+                shape_eff = flops / (rate * chain)
+            extra = 2 * m * n * 4 * split if split > 1 else 0
+            _, _, body = roofline(flops, bytes_moved + extra, rate * shape_eff, bandwidth, eff.memory_latency,
+                                  eff.roofline_p)
+            if best is None or body < best[0]:
+                best = (body, tm, tn, split, shape_eff)
+            split *= 2
+            if not splits or count * split > 2 * units or k / split < _SPLIT_K_MIN_DEPTH:
+                break
+    return best[1], best[2], best[3], best[4]
+
+
 def gemm_time(
     device,
     m: int,
@@ -71,16 +116,19 @@ def gemm_time(
     flops = 2.0 * m * n * k
     bytes_moved = m * k * dtype_bytes(act_dtype) + k * n * dtype_bytes(dtype) + m * n * dtype_bytes(out_dtype)
     eff = device.efficiency
-    split = split_k(device, m, n, k)
-    depth = k / split
-    shape_eff = wave_efficiency(tiles(device, m, n) * split, device.compute_units) * (depth / (depth + eff.k_half))
+    compute = eff.compute_for(variant, act_dtype)
+    if eff.gemm_tiles:
+        tile_m, tile_n, split, shape_eff = plan(device, m, n, k, flops, bytes_moved,
+                                                device.peak_flops(act_dtype) * compute, variant, act_dtype)
+    else:
+        tile_m, tile_n = _tile(m, eff.tile_m, 16), _tile(n, eff.tile_n, 32)
+        split = split_k(device, m, n, k)
+        depth = k / split
+        shape_eff = wave_efficiency(tiles(device, m, n) * split, device.compute_units) * (depth / (depth + eff.k_half))
     if split > 1:  # fp32 partial sums written and reduced
         bytes_moved += 2 * m * n * 4 * split
-    cost = kernel(
-        device, name, flops, bytes_moved, act_dtype,
-        compute_efficiency=eff.compute_for(variant, act_dtype) * shape_eff,
-    )
-    cost.info = {"m": m, "n": n, "k": k, "dtype": variant, "split_k": split}
+    cost = kernel(device, name, flops, bytes_moved, act_dtype, compute_efficiency=compute * shape_eff)
+    cost.info = {"m": m, "n": n, "k": k, "dtype": variant, "split_k": split, "tile": (tile_m, tile_n)}
     if dtype in ("fp8", "int8") and not weight_only:
         # Activations are quantised on the fly (per tensor, per token or per 128-block) by a
         # kernel of their own before the GEMM.

@@ -78,6 +78,17 @@ class Efficiency(Spec):
     tile_n: int = Field(128, gt=0)
     k_half: float = Field(128.0, ge=0)
     moe_tile_m: int = Field(64, gt=0)
+    gemm_tiles: list[tuple[int, int]] = Field(default_factory=list, description="output tiles (m, n) a dense GEMM "
+                                              "library picks among, with split-K, for the fastest; empty: one "
+                                              "power-of-two tile clamped at tile_m x tile_n (the older model)")
+    tile_overhead: float = Field(0.0, ge=0, description="a gemm_tiles tile of TM x TN runs at 1 / (1 + tile_overhead "
+                                 "* (1/TM + 1/TN)) of the rate per compute unit, relative to the largest listed tile "
+                                 "(operand loads per multiply-add), elements")
+    k_step: dict[str, Seconds] = Field(default_factory=dict, description="gemm_tiles model, by kernel variant or "
+                                       "dtype: the least time one tile takes per 128-deep step of its reduction (the "
+                                       "serial chain of its main loop, which a few tiles over a deep k cannot hide), s")
+    no_split_k: list[str] = Field(default_factory=list, description="GEMM kernel variants or dtypes whose kernels "
+                                  "never split the reduction (each tile runs all of k)")
     # Figures moesim.cost.attention and .collectives read when present (zero or an empty table
     # keeps the plain roofline / alpha-beta model); docs/cost-model.md says what each means.
     decode_per_sequence: Seconds = Field(0.0, description="decode attention: time per work unit, one (sequence, "

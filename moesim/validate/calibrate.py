@@ -118,6 +118,10 @@ def parameters(device, tables: list[Table]) -> list[Parameter]:
             for k in sorted(eff.variant_overhead) if k in _dtypes(tables, "gemm", "gemm_dtype")]
     if _dtypes(tables, "moe", "moe_ep_size") - {"1", "1.0"}:
         out.append(Parameter(("efficiency", "moe_empty_block"), frozenset({"moe"}), 0.0, 200e-9))
+    if eff.gemm_tiles:
+        out.append(Parameter(("efficiency", "tile_overhead"), frozenset({"gemm"}), 0.0, 512.0))
+        out += [Parameter(("efficiency", "k_step", k), frozenset({"gemm"}), 0.0, 2e-6) for k in gemm_keys
+                if k in eff.k_step]
     out += _attention_parameters(eff)
     out += _comm_parameters(eff)
     return [p for p in out if p.families & families]
@@ -248,10 +252,13 @@ class Objective:
 _FACTORS = (0.5, 0.7, 0.85, 0.93, 1.0, 1.07, 1.15, 1.4, 2.0)
 
 
-def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progress=None, graph=None) -> tuple[object, dict]:
+def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progress=None, graph=None,
+        families: set[str] | None = None) -> tuple[object, dict]:
     """Coordinate search of ``device``'s efficiency figures on the calibration ``tables``: at
     most ``sweeps`` passes over the figures; the grid of factors narrows (its spread halves)
     after a pass that improved nothing, and the search ends when it is finer than 1%.
+    ``families`` (when given) restricts the search to the figures that change only those
+    families' predictions, so refitting one family leaves the others' figures as they are.
     Returns the fitted device and a record: loss before / after, each figure's start and end
     value, and how many evaluations it took."""
     if graph is None and any(t.family.name in COMM_FAMILIES for t in tables):
@@ -260,6 +267,8 @@ def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progre
     if not objective.tables:
         raise InputError("no kernel tables (moe, gemm, attention, mla) to calibrate from", field="--measured")
     params = parameters(device, objective.tables)
+    if families is not None:
+        params = [p for p in params if p.families <= set(families)]
     loss, objective.losses = objective(device)
     start_loss, start = loss, {p.name: value(device, p.path) for p in params}
     spread = 1.0
@@ -316,7 +325,7 @@ def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progre
 
 _DEVICE = TypeAdapter(Device)
 _SECONDS_FIELDS = {"launch_overhead", "memory_latency", "moe_empty_block", "attention_overhead", "variant_overhead",
-                   "decode_per_sequence", "mla_prefill_token", "nccl_launch", "nccl_step"}
+                   "decode_per_sequence", "mla_prefill_token", "nccl_launch", "nccl_step", "k_step"}
 
 
 def load_device(spec: str):
