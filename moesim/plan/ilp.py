@@ -87,11 +87,18 @@ class Ilp:
             load = problem.loads[layer]
             warm_gpu = (load[warm.phy2log[layer]] * warm.weight[layer]).reshape(problem.gpus, -1).sum(axis=1)
             cap = warm_gpu.max() * (1 + 1e-9)
-            replicas, share, info = self._node_stage(problem, layer, warm, node, cap, 0.4 * budget)
-            layers.append(info)
+            layer_end = time.perf_counter() + budget
             candidate, candidate_weight, straggler = None, None, np.inf
-            if replicas is not None:
-                deadline = time.perf_counter() + 0.6 * budget
+            # a layer whose GPUs cannot be packed under the cap is tried again with nodes held
+            # closer to the mean (more room for the packing, a little more spreading)
+            for slack in (self.slack, self.slack / 4):
+                left = layer_end - time.perf_counter()
+                if slack != self.slack and left < 0.2 * budget:
+                    break
+                replicas, share, info = self._node_stage(problem, layer, warm, node, cap, 0.25 * budget, slack)
+                if replicas is None:
+                    continue
+                deadline = time.perf_counter() + max(layer_end - time.perf_counter(), 0.05) * (0.5 if slack == self.slack else 1.0)
                 for exact in (False, True):  # packing, then the small MILPs when packing was not enough
                     rows = [_gpu_stage(replicas[n], share[n], problem.gpus // N, problem.slots_per_gpu, cap,
                                        max(deadline - time.perf_counter(), 0.01) / (N - n), self.seed, exact)
@@ -103,6 +110,9 @@ class Ilp:
                     straggler = (load[candidate] * candidate_weight).reshape(problem.gpus, -1).sum(axis=1).max()
                     if straggler <= cap:
                         break
+                if straggler <= cap:
+                    break
+            layers.append(info)
             if straggler > cap:
                 candidate, candidate_weight = warm.phy2log[layer], warm.weight[layer]
                 info["kept_eplb"] = True
@@ -120,14 +130,14 @@ class Ilp:
         return PlacementPlan(self.name, phy2log, weight, solver)
 
     def _node_stage(self, problem: PlacementProblem, layer: int, warm: PlacementPlan, node: np.ndarray, cap: float,
-                    budget: float):
+                    budget: float, slack: float):
         """Replicas ``[nodes, experts]`` and tokens ``[nodes, experts]`` of one layer, or
         ``None`` when no placement within the loads allowed was found in time."""
         E, N, gpn = problem.experts, problem.nodes, problem.gpus // problem.nodes
         S = problem.slots // N
         load = problem.loads[layer]
         mean_gpu = load.sum() / problem.gpus
-        node_cap = gpn * (mean_gpu + self.slack * max(cap - mean_gpu, 0.0))
+        node_cap = gpn * (mean_gpu + slack * max(cap - mean_gpu, 0.0))
         tokens = problem.trace.shape[0] if problem.trace is not None else 1
         EN = E * N
         ia, ih, iy, iz = 0, EN, 2 * EN, 3 * EN  # column blocks
@@ -249,6 +259,8 @@ def _gpu_stage(replicas: np.ndarray, share: np.ndarray, gpus: int, per: int, cap
         z[items[r], g], x[items[r], g] = 1.0, piece[r]
         filled[g] += 1
         gpu_load[g] += piece[r]
+    if packed:
+        _swap_down(z, x, gpu_load)
     if exact and (not packed or gpu_load.max() > cap):
         solved = _gpu_milp(replicas[held], share[held], gpus, per, cap, budget, seed, (z, x, gpu_load) if packed else None)
         if solved is None:
@@ -257,6 +269,35 @@ def _gpu_stage(replicas: np.ndarray, share: np.ndarray, gpus: int, per: int, cap
     elif not packed:
         return None
     return np.concatenate([held[np.flatnonzero(z[:, g] > 0.5)] for g in range(gpus)])
+
+
+def _swap_down(z: np.ndarray, x: np.ndarray, gpu_load: np.ndarray, rounds: int = 64) -> None:
+    """Improve a packing in place (``z`` / ``x`` ``[experts, gpus]`` placement and tokens,
+    ``gpu_load`` ``[gpus]``): swap a replica of the most loaded GPU with one of another GPU
+    while that lowers the larger of the two, never putting two replicas of an expert on one
+    GPU; the best swap first."""
+    for _ in range(rounds):
+        top = int(np.argmax(gpu_load))
+        mine = np.flatnonzero(z[:, top] > 0.5)
+        best, move = gpu_load[top], None
+        for g in np.flatnonzero(np.arange(gpu_load.size) != top):
+            theirs = np.flatnonzero(z[:, g] > 0.5)
+            # swap replica a (on top) with b (on g): loads top - xa + xb and g + xa - xb
+            xa, xb = x[mine, top][:, None], x[theirs, g][None, :]
+            worse = np.maximum(gpu_load[top] - xa + xb, gpu_load[g] + xa - xb)
+            legal = (z[mine, g][:, None] < 0.5) & (z[theirs, top][None, :] < 0.5)
+            worse = np.where(legal, worse, np.inf)
+            i, j = np.unravel_index(np.argmin(worse), worse.shape)
+            if worse[i, j] < best - 1e-9:
+                best, move = worse[i, j], (mine[i], theirs[j], g)
+        if move is None:
+            return
+        a, b, g = move
+        xa, xb = x[a, top], x[b, g]
+        z[a, top], z[b, g], z[a, g], z[b, top] = 0.0, 0.0, 1.0, 1.0
+        x[a, top], x[b, g], x[a, g], x[b, top] = 0.0, 0.0, xa, xb
+        gpu_load[top] += xb - xa
+        gpu_load[g] += xa - xb
 
 
 def _gpu_milp(replicas, share, gpus, per, cap, budget, seed, start):
