@@ -47,12 +47,14 @@ def prefill_attention_time(
     v_head_dim: int | None = None,
     efficiency: float | None = None,
     context: int = 0,
+    tiles: bool = True,
     name: str = "attention_prefill",
 ) -> OpCost:
     """Causal self-attention over ``batch`` prompts of ``seq`` tokens (heads already divided by
     TP). ``v_head_dim`` differs from ``head_dim`` in un-absorbed MLA. A chunk of a longer prompt
     (chunked prefill) sits after ``context`` tokens already in the cache: its queries also see
-    those keys, which are read from the cache."""
+    those keys, which are read from the cache. ``tiles=False`` keeps the plain FLOP model where
+    the profile has ``prefill_tile`` (a kernel whose tiles are not FlashAttention's)."""
     v_dim = v_head_dim or head_dim
     pairs = batch * num_heads * (_keys_seen(context + seq, window) - _keys_seen(context, window))
     flops = 2.0 * pairs * (head_dim + v_dim)
@@ -62,7 +64,13 @@ def prefill_attention_time(
     bytes_moved = size * (tokens * num_heads * (head_dim + v_dim) + keys * num_kv_heads * (head_dim + v_dim))
     eff = device.efficiency
     peak_share = eff.attention_prefill if efficiency is None else efficiency
-    cost = kernel(device, name, flops, bytes_moved, "bf16", compute_efficiency=peak_share * _fill(device, batch * num_heads, seq))
+    if tiles and eff.prefill_tile and flops > 0:
+        busy = _tiled_prefill_time(device, batch, seq, num_heads, num_kv_heads, head_dim + v_dim, window, context,
+                                   peak_share)
+        share = flops / (device.peak_flops("bf16") * busy)
+    else:
+        share = peak_share * _fill(device, batch * num_heads, seq)
+    cost = kernel(device, name, flops, bytes_moved, "bf16", compute_efficiency=share)
     _add_overhead(device, cost)
     cost.info = {"batch": batch, "seq": seq, "context": context, "heads": num_heads, "kv_heads": num_kv_heads, "window": window}
     return cost
@@ -71,6 +79,32 @@ def prefill_attention_time(
 def _add_overhead(device, cost: OpCost) -> None:
     cost.time += device.efficiency.attention_overhead
     cost.launch_time += device.efficiency.attention_overhead
+
+
+def _tiled_prefill_time(device, batch: int, seq: int, heads: int, kv_heads: int, dims: int, window: int | None,
+                        context: int, peak_share: float) -> float:
+    """Compute seconds of a flash-attention prefill grid: CTAs of ``prefill_tile`` query rows,
+    each running whole key blocks of as many keys up to its last query (causal, from its first
+    query's window start), padded rows and masked keys computed all the same; ``dims`` is the
+    QK plus PV head dims. A prompt shorter than a tile packs the query heads sharing a KV head
+    into one tile (FlashAttention-3's packed GQA), so a CTA is one (sequence, KV head). The
+    grid runs over the compute units, each CTA adding ``prefill_cta``; it takes at least its
+    longest CTA."""
+    eff = device.efficiency
+    tile = eff.prefill_tile
+    group = max(1, heads // max(kv_heads, 1))
+    packed = group > 1 and seq < tile
+    per_tile = tile // group if packed else tile  # query tokens one CTA covers
+    units = kv_heads if packed else heads
+    start = np.arange(0, seq, per_tile) + context  # each tile's first query, after the cached context
+    end = np.minimum(start + per_tile, context + seq)  # one past its last query: its causal key end
+    first = np.maximum(0, start - window) if window else np.zeros_like(start)
+    blocks = -(-end // tile) - first // tile
+    tile_flops = 2.0 * tile * tile * dims * blocks  # QK^T and PV over whole (tile x tile) blocks
+    sm_rate = device.peak_flops("bf16") * peak_share / device.compute_units
+    ctas = batch * units * len(start)
+    average = (batch * units * float(tile_flops.sum()) / sm_rate + ctas * eff.prefill_cta) / device.compute_units
+    return max(average, float(tile_flops.max()) / sm_rate + eff.prefill_cta)
 
 
 def _fill(device, heads_times_batch: int, seq: int, block: int = 128) -> float:
@@ -117,8 +151,9 @@ def _decode_kernel(device, name: str, flops: float, bytes_moved: float, groups: 
     # np.maximum / np.minimum: ``groups`` and ``keys`` may be arrays (one entry per DP replica)
     splits = np.maximum(1, np.minimum(-(-keys // 256), -(-device.compute_units // np.maximum(groups, 1))))
     busy = np.minimum(1.0, groups * splits / device.compute_units)
-    cost = kernel(device, name, flops, bytes_moved, "bf16",
-                  compute_efficiency=eff.attention_prefill if compute_efficiency is None else compute_efficiency,
+    if compute_efficiency is None:
+        compute_efficiency = eff.attention_prefill if eff.decode_compute is None else eff.decode_compute
+    cost = kernel(device, name, flops, bytes_moved, "bf16", compute_efficiency=compute_efficiency,
                   memory_efficiency=eff.attention_decode * np.maximum(busy, 0.05))
     _add_overhead(device, cost)
     units = groups * eff.decode_per_sequence
@@ -185,7 +220,7 @@ def mla_prefill_time(
     KV cache adds its per-call cost (the prompt's keys are written quantised)."""
     cost = prefill_attention_time(
         device, batch, seq, num_heads, num_heads, qk_nope_head_dim + qk_rope_head_dim,
-        dtype=dtype, v_head_dim=v_head_dim, efficiency=device.efficiency.mla_prefill, name=name,
+        dtype=dtype, v_head_dim=v_head_dim, efficiency=device.efficiency.mla_prefill, tiles=False, name=name,
     )
     # per (query token, head): the latent's up-projection to per-head keys and values and its
     # layout, which the prefill kernel sequence runs before attention

@@ -101,6 +101,13 @@ class Efficiency(Spec):
                                        "beyond the attention FLOP (latent up-projection and layout), s")
     mla_decode: Fraction | None = Field(None, description="fraction of bf16 peak absorbed MLA decode reaches "
                                         "(default: attention_prefill)")
+    decode_compute: Fraction | None = Field(None, description="fraction of bf16 peak decode attention's arithmetic "
+                                            "reaches (default: attention_prefill)")
+    prefill_tile: int = Field(0, ge=0, description="prefill attention: query rows of one flash-attention CTA tile "
+                              "(keys in blocks of as many); prompts shorter than a tile pack a KV head's query "
+                              "heads into one tile; 0: the plain FLOP model")
+    prefill_cta: Seconds = Field(0.0, description="prefill attention with prefill_tile: fixed time of one CTA on "
+                                 "its compute unit (prologue, epilogue, scheduling), s")
     nccl_launch: dict[str, Seconds] = Field(default_factory=dict, description="NCCL fixed cost per collective, "
                                             "by protocol (ll, simple), s")
     nccl_step: dict[str, Seconds] = Field(default_factory=dict, description="NCCL latency per ring step, by protocol, s")

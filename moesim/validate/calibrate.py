@@ -102,8 +102,9 @@ def parameters(device, tables: list[Table]) -> list[Parameter]:
         Parameter(("efficiency", "memory_latency"), _KERNELS, 0.0, 10e-6),
         Parameter(("efficiency", "roofline_p"), _KERNELS, 2.0, 4.0, (2.0, 3.0, 4.0)),
         Parameter(("efficiency", "k_half"), frozenset({"gemm", "moe"}), 0.0, 512.0),
-        Parameter(("efficiency", "attention_prefill"), frozenset({"attention_prefill", "attention_decode", "mla_decode"}),
-                  0.05, 1.0),
+        Parameter(("efficiency", "attention_prefill"), frozenset({"attention_prefill"}) | (
+            frozenset() if eff.decode_compute is not None else frozenset({"attention_decode"})) | (
+            frozenset() if eff.mla_decode is not None else frozenset({"mla_decode"})), 0.05, 1.0),
         Parameter(("efficiency", "attention_decode"), frozenset({"attention_decode", "mla_decode"}), 0.05, 1.0),
         Parameter(("efficiency", "mla_prefill"), frozenset({"mla_prefill"}), 0.02, 1.0),
         Parameter(("efficiency", "attention_overhead"), _ATTENTION, 0.0, 30e-6),
@@ -137,6 +138,11 @@ def _attention_parameters(eff) -> list[Parameter]:
     decode = frozenset({"attention_decode", "mla_decode"})
     out = [Parameter(("efficiency", "decode_per_sequence"), decode, 0.0, 200e-9),
            Parameter(("efficiency", "mla_prefill_token"), frozenset({"mla_prefill"}), 0.0, 10e-9)]
+    if eff.prefill_tile:
+        out.append(Parameter(("efficiency", "prefill_cta"), frozenset({"attention_prefill"}), 0.0, 10e-6))
+    if eff.decode_compute is not None:
+        out.append(Parameter(("efficiency", "decode_compute"),
+                             decode if eff.mla_decode is None else frozenset({"attention_decode"}), 0.05, 1.0))
     if eff.mla_decode is not None:
         out.append(Parameter(("efficiency", "mla_decode"), frozenset({"mla_decode"}), 0.05, 1.0))
     for key in sorted(eff.kv_dequant):
@@ -325,7 +331,7 @@ def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progre
 
 _DEVICE = TypeAdapter(Device)
 _SECONDS_FIELDS = {"launch_overhead", "memory_latency", "moe_empty_block", "attention_overhead", "variant_overhead",
-                   "decode_per_sequence", "mla_prefill_token", "nccl_launch", "nccl_step", "k_step"}
+                   "decode_per_sequence", "mla_prefill_token", "nccl_launch", "nccl_step", "k_step", "prefill_cta"}
 
 
 def load_device(spec: str):
