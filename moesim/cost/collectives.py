@@ -190,6 +190,9 @@ class AllToAll:
         self.off = ~np.eye(n, dtype=bool)
         self.local = self.same.sum(axis=1)
         self.node_members = self.same.astype(np.float64)  # [i, j]: j shares i's node
+        # 0/1 masks of rank_times_outer's products, built once: it runs four times a simulated step
+        self.mates = (self.same & self.off).astype(np.float64)
+        self.others = (~self.same).astype(np.float64)
         peers_local = [j for j in range(n) if j != 0 and self.same[0, j]]
         peers_remote = [j for j in range(n) if not self.same[0, j]]
         local_route = route(graph, group[0], group[peers_local[0]]) if peers_local else None
@@ -260,8 +263,7 @@ class AllToAll:
         src, dst = np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64)
         if self.pair is not None:
             return self.rank_times(src[..., :, None] * dst[..., None, :])
-        mates = (self.same & self.off).astype(np.float64)
-        others = (~self.same).astype(np.float64)
+        mates, others = self.mates, self.others
         return self._link_times(src * (dst @ mates), dst * (src @ mates), src * (dst @ others), dst * (src @ others))
 
     def _link_times(self, intra_send, intra_recv, inter_send, inter_recv) -> np.ndarray:

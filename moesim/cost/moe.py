@@ -62,43 +62,93 @@ def _tile_edge(size, largest, smallest):
 
 
 @numba.njit(inline="always", cache=True)
-def _vector_kernel(flops, bytes_moved, d, out):
-    """A kernel on the vector units at full rate (top-k, sort, element-wise): writes its
-    :data:`_FIELDS` into ``out``."""
+def _vector_fields(flops, bytes_moved, d):
+    """:data:`_FIELDS` of a kernel on the vector units at full rate (top-k, sort, element-wise)."""
     compute, memory, body = roofline(flops, bytes_moved, d.vector_rate, d.stream, d.latency, d.p)
-    out[0], out[1], out[2], out[3], out[4], out[5] = d.launch + body, compute, memory, d.launch, flops, bytes_moved
+    return d.launch + body, compute, memory, d.launch, flops, bytes_moved
 
 
 @numba.njit(inline="always", cache=True)
-def _grouped_core(rows, foreign, n, k, in_bytes, out_bytes, d, out):
-    """One grouped GEMM: expert ``e`` multiplies ``rows[e]`` token rows ``[rows[e], k]`` by its
-    own ``[k, n]`` weight, each expert's rows padded to the row block. Experts with no rows cost
-    nothing (their weights are not read); ``foreign`` rows routed to other ranks' experts cost an
-    empty block per row block. Writes :data:`_FIELDS` (flops: useful work; padding only costs
-    time) into ``out``; returns (experts with rows, rows, row block)."""
+def _vector_kernel(flops, bytes_moved, d, out):
+    """:func:`_vector_fields` written into ``out``."""
+    out[0], out[1], out[2], out[3], out[4], out[5] = _vector_fields(flops, bytes_moved, d)
+
+
+@numba.njit(inline="always", cache=True)
+def _row_blocks(rows, tile_m):
+    """The row side of a grouped GEMM over ``rows[e]`` token rows per expert: (experts with
+    rows, rows, row block, row blocks). Both grouped GEMMs of a layer share it."""
     active, total = 0, 0.0
     for r in rows:
         if r > 0:
             active += 1
             total += r
-    out[:] = 0.0
     if active == 0:
-        return 0.0, 0.0, 0.0
-    block_m = _tile_edge(math.ceil(total / active), d.tile_m, 16.0)
-    n_blocks = math.ceil(n / _tile_edge(n, d.tile_n, 32.0))
+        return 0.0, 0.0, 0.0, 0.0
+    block_m = _tile_edge(math.ceil(total / active), tile_m, 16.0)
     row_blocks = 0.0
     for r in rows:
         row_blocks += math.ceil(r / block_m)
+    return float(active), total, block_m, row_blocks
+
+
+@numba.njit(inline="always", cache=True)
+def _weight_side(n, k, d):
+    """The weight side of a grouped GEMM ``[k, n]``: (column blocks, the shape efficiency of
+    ``k``); constant for a layer, so the batch loops take it out."""
+    return math.ceil(n / _tile_edge(n, d.tile_n, 32.0)), k / (k + d.k_half)
+
+
+@numba.njit(inline="always", cache=True)
+def _grouped_fields(active, total, block_m, row_blocks, foreign, n, k, side, in_bytes, out_bytes, d):
+    """:data:`_FIELDS` of one grouped GEMM from its :func:`_row_blocks` (``active`` > 0): each
+    expert multiplies its rows ``[rows, k]`` by its own ``[k, n]`` weight, rows padded to the
+    row block; ``foreign`` rows routed to other ranks' experts cost an empty block per row
+    block (flops: useful work; padding only costs time)."""
+    n_blocks, k_eff = side
     n_tiles = row_blocks * n_blocks
     waves = max(math.ceil(n_tiles / d.units), 1.0)
-    shape_eff = max(n_tiles, 1.0) / (waves * d.units) * (k / (k + d.k_half))
+    shape_eff = max(n_tiles, 1.0) / (waves * d.units) * k_eff
     flops = 2.0 * row_blocks * block_m * n * k
     bytes_moved = active * n * k * d.weight_bytes + total * (k * in_bytes + n * out_bytes)
     compute, memory, body = roofline(flops, bytes_moved, d.moe_rate * shape_eff, d.moe_stream, d.latency, d.p)
     empty = math.ceil(foreign / block_m) * n_blocks * d.empty_block
-    out[0], out[1], out[2], out[3] = d.launch + body + empty, compute, memory, d.launch + empty
-    out[4], out[5] = 2.0 * total * n * k, bytes_moved
-    return float(active), total, block_m
+    return d.launch + body + empty, compute, memory, d.launch + empty, 2.0 * total * n * k, bytes_moved
+
+
+@numba.njit(inline="always", cache=True)
+def _grouped_core(rows, foreign, n, k, in_bytes, out_bytes, d, out):
+    """One grouped GEMM (:func:`_grouped_fields`) over ``rows[e]`` token rows per local expert;
+    experts with no rows cost nothing (their weights are not read). Writes :data:`_FIELDS` into
+    ``out``; returns (experts with rows, rows, row block)."""
+    active, total, block_m, row_blocks = _row_blocks(rows, d.tile_m)
+    out[:] = 0.0
+    if active == 0:
+        return 0.0, 0.0, 0.0
+    out[0], out[1], out[2], out[3], out[4], out[5] = _grouped_fields(active, total, block_m, row_blocks, foreign, n, k,
+                                                                     _weight_side(n, k, d), in_bytes, out_bytes, d)
+    return active, total, block_m
+
+
+@numba.njit(inline="always", cache=True)
+def _topk_work(t, num_experts):
+    return 2.0 * t * num_experts, 4.0 * t * num_experts  # fp32 scores read once
+
+
+@numba.njit(inline="always", cache=True)
+def _align_work(slots):
+    return slots, 16.0 * slots  # sort: an id and a position read and written per slot
+
+
+@numba.njit(inline="always", cache=True)
+def _activation_work(rows, shard, gated):
+    elements = rows * shard  # SiLU(gate) x up in bf16: both halves read when gated
+    return 4.0 * elements, 2.0 * elements * (3.0 if gated else 2.0)
+
+
+@numba.njit(inline="always", cache=True)
+def _combine_work(t, hidden, top_k):
+    return top_k * t * hidden, 2.0 * t * hidden * (top_k + 1)  # unpermute: each token's top_k bf16 outputs read, weighted, summed
 
 
 @numba.njit(inline="always", cache=True)
@@ -108,18 +158,19 @@ def _moe_rank(local, foreign, t, num_experts, hidden, shard, top_k, gated, d, pa
     :data:`_FIELDS` into ``parts`` ``[parts, fields]`` and the grouped GEMMs' (experts, rows,
     row block) into ``info`` ``[2, 3]``."""
     parts[:] = 0.0
-    slots = t * top_k
     rows = local.sum()
-    _vector_kernel(2.0 * t * num_experts, 4.0 * t * num_experts, d, parts[0])  # fp32 scores read once
-    _vector_kernel(slots, 16.0 * slots, d, parts[1])  # sort: an id and a position read and written per slot
+    flops, bytes_moved = _topk_work(t, num_experts)
+    _vector_kernel(flops, bytes_moved, d, parts[0])
+    flops, bytes_moved = _align_work(t * top_k)
+    _vector_kernel(flops, bytes_moved, d, parts[1])
     up_n = 2 * shard if gated else shard
     info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, foreign, up_n, hidden, d.act_bytes, 2.0, d, parts[2])
-    if rows > 0:  # SiLU(gate) x up in bf16: both halves read when gated
-        elements = rows * shard
-        _vector_kernel(4.0 * elements, 2.0 * elements * (3.0 if gated else 2.0), d, parts[3])
+    if rows > 0:
+        flops, bytes_moved = _activation_work(rows, shard, gated)
+        _vector_kernel(flops, bytes_moved, d, parts[3])
     info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, foreign, hidden, shard, 2.0, 2.0, d, parts[4])
-    # unpermute: each token's top_k bf16 outputs read, weighted and summed
-    _vector_kernel(top_k * t * hidden, 2.0 * t * hidden * (top_k + 1), d, parts[5])
+    flops, bytes_moved = _combine_work(t, hidden, top_k)
+    _vector_kernel(flops, bytes_moved, d, parts[5])
 
 
 @numba.njit(cache=True)
@@ -135,8 +186,9 @@ def _moe_core(local, foreign, tokens, num_experts, hidden, shard, top_k, gated, 
 
 
 @numba.njit(cache=True)
-def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d):
-    """Seconds of :func:`_moe_rank` for each rank (nothing foreign), without the breakdown."""
+def _moe_times_reference(local, tokens, num_experts, hidden, shard, top_k, gated, d):
+    """Seconds of :func:`_moe_rank` for each rank (nothing foreign): the full breakdown summed,
+    the reference :func:`_moe_times` must equal bit for bit."""
     ranks = local.shape[0]
     times = np.empty(ranks)
     parts, info = np.empty((len(_PARTS), len(_FIELDS))), np.empty((2, 3))
@@ -144,6 +196,72 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d):
         _moe_rank(local[i], 0.0, tokens[i], num_experts, hidden, shard, top_k, gated, d, parts, info)
         times[i] = parts[:, 0].sum()
     return times
+
+
+@numba.njit(inline="always", cache=True)
+def _known(table, row, x):
+    """``table[row, x]`` when ``x`` is a whole number inside the table and already filled, else NaN."""
+    if x >= table.shape[1] or x != math.floor(x):
+        return np.nan
+    return table[row, int(x)]
+
+
+@numba.njit(cache=True)
+def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table):
+    """Seconds of :func:`_moe_rank` for each rank (nothing foreign), without the breakdown: the
+    same sum in the same order, of the same kernel figures. The element-wise kernels depend only
+    on a rank's token count ``t`` (top-k + sort, unpermute) or rows (activation), so their
+    seconds are kept in ``table`` ``[3, counts]`` (NaN: not met yet), filled as counts appear."""
+    ranks = local.shape[0]
+    times = np.empty(ranks)
+    up_n = 2 * shard if gated else shard
+    up_side, down_side = _weight_side(up_n, hidden, d), _weight_side(hidden, shard, d)
+    for i in range(ranks):
+        t = tokens[i]
+        head, tail = _known(table, 0, t), _known(table, 2, t)
+        if np.isnan(head):
+            flops, bytes_moved = _topk_work(t, num_experts)
+            head = 0.0 + _vector_fields(flops, bytes_moved, d)[0]  # the reference sum starts from 0.0
+            flops, bytes_moved = _align_work(t * top_k)
+            head += _vector_fields(flops, bytes_moved, d)[0]
+            flops, bytes_moved = _combine_work(t, hidden, top_k)
+            tail = _vector_fields(flops, bytes_moved, d)[0]
+            if t < table.shape[1] and t == math.floor(t):
+                table[0, int(t)], table[2, int(t)] = head, tail
+        active, rows, block_m, row_blocks = _row_blocks(local[i], d.tile_m)
+        seconds = head
+        if active > 0:
+            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, up_n, hidden, up_side, d.act_bytes, 2.0, d)[0]
+            activation = _known(table, 1, rows)
+            if np.isnan(activation):
+                flops, bytes_moved = _activation_work(rows, shard, gated)
+                activation = _vector_fields(flops, bytes_moved, d)[0]
+                if rows < table.shape[1] and rows == math.floor(rows):
+                    table[1, int(rows)] = activation
+            seconds += activation
+            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, d)[0]
+        else:  # no rows: the reference adds three zeros
+            seconds += 0.0
+        times[i] = seconds + tail
+    return times
+
+
+_TABLES: dict[tuple, np.ndarray] = {}
+_TABLE_LIMIT = 1 << 20  # counts beyond this are costed directly each time (8 MB a table at most, ×3)
+
+
+def _table(key: tuple, largest: float) -> np.ndarray:
+    """The element-wise kernels' table of :func:`_moe_times` for one (device, layer shape),
+    grown to hold counts up to ``largest``."""
+    table = _TABLES.get(key)
+    need = min(int(largest) + 1, _TABLE_LIMIT)
+    if table is None or table.shape[1] < need:
+        size = max(1024, 1 << (need - 1).bit_length())
+        grown = np.full((3, size), np.nan)
+        if table is not None:
+            grown[:, :table.shape[1]] = table
+        _TABLES[key] = table = grown
+    return table
 
 
 def _moe_parts(device, local: np.ndarray, foreign: np.ndarray, tokens: np.ndarray, *, num_experts: int, hidden: int,
@@ -217,6 +335,7 @@ def expert_times(device, local: np.ndarray, *, hidden: int, inter: int, dtype: s
         tokens = np.maximum(flat.sum(axis=1), 1).astype(np.float64)
     else:
         tokens = np.broadcast_to(np.asarray(tokens, dtype=np.float64), local.shape[:-1]).reshape(-1)
-    times = _moe_times(np.ascontiguousarray(flat, dtype=np.float64), np.ascontiguousarray(tokens), float(flat.shape[1]),
-                       float(hidden), float(inter // expert_tp), float(top_k), bool(gated), _moe_device(device, dtype))
+    args = (float(flat.shape[1]), float(hidden), float(inter // expert_tp), float(top_k), bool(gated), _moe_device(device, dtype))
+    times = _moe_times(np.ascontiguousarray(flat, dtype=np.float64), np.ascontiguousarray(tokens), *args,
+                       _table(args, tokens.max(initial=0.0)))
     return times.reshape(local.shape[:-1])

@@ -1,0 +1,61 @@
+"""The simulator's time-only MoE path (`moesim.cost.moe._moe_times`, element-wise kernels tabled
+per count) against the full breakdown it must equal bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.cost import moe
+from moesim.cost.moe import _moe_device, _moe_times, _moe_times_reference, _table, expert_times, moe_layer_time
+from moesim.hardware.catalog import device
+
+CASES = [  # (device, expert dtype, hidden, expert intermediate, gated)
+    ("h100-sxm", "fp8_block", 7168, 2048, True),
+    ("h200-sxm", "bf16", 4096, 1536, True),
+    ("l40s", "bf16", 2048, 768, True),
+    ("t4", "int4_wo", 4096, 14336, True),
+    ("mi300x", "bf16", 2880, 2880, False),
+]
+
+
+def _both(dev, dtype, hidden, inter, gated, local, tokens, top_k):
+    args = (float(local.shape[1]), float(hidden), float(inter), float(top_k), gated, _moe_device(dev, dtype))
+    fast = _moe_times(local, tokens, *args, _table(args, tokens.max(initial=0.0)))
+    return fast, _moe_times_reference(local, tokens, *args)
+
+
+@pytest.mark.parametrize("name,dtype,hidden,inter,gated", CASES)
+def test_time_only_path_equals_breakdown_bit_for_bit(name, dtype, hidden, inter, gated):
+    dev = device(name)
+    rng = np.random.default_rng(7)
+    for experts, mean in ((4, 60.0), (8, 3.0), (1, 500.0), (32, 0.5)):
+        local = rng.poisson(mean, size=(300, experts)).astype(np.float64)
+        local[::7] = 0.0  # ranks that received nothing
+        slots = np.maximum(local.sum(axis=1), 1.0)
+        for tokens, top_k in ((slots, 1.0), (np.ceil(slots / 3.0) + 0.5, 8.0), (slots * 4000.0, 2.0)):
+            # the same table twice: filled on the first call, read on the second
+            for _ in range(2):
+                fast, reference = _both(dev, dtype, hidden, inter, gated, local, np.ascontiguousarray(tokens), top_k)
+                assert np.array_equal(fast, reference)
+
+
+def test_counts_beyond_the_table_are_costed_directly(monkeypatch):
+    monkeypatch.setattr(moe, "_TABLES", {})
+    monkeypatch.setattr(moe, "_TABLE_LIMIT", 1024)
+    dev = device("h100-sxm")
+    local = np.array([[3000.0, 0.0, 2000.0], [5.0, 0.0, 0.0]])
+    fast, reference = _both(dev, "bf16", 4096, 1024, True, local, local.sum(axis=1), 1.0)
+    assert np.array_equal(fast, reference)
+    (table,) = moe._TABLES.values()
+    assert table.shape[1] == 1024 and not np.isnan(table[0, 5]) and np.isnan(table[:, 1023]).all()
+
+
+def test_expert_times_equals_moe_layer_time_without_router():
+    dev = device("h100-sxm")
+    local = np.array([[7, 0, 130, 2], [0, 0, 0, 1], [64, 64, 64, 64]])
+    times = expert_times(dev, local, hidden=7168, inter=2048, dtype="fp8_block")
+    for row, seconds in zip(local, times):
+        layer = moe_layer_time(dev, row, tokens=max(int(row.sum()), 1), hidden=7168, inter=2048, top_k=1,
+                               dtype="fp8_block", router=False)
+        assert seconds == pytest.approx(layer.time, rel=1e-12)
