@@ -135,18 +135,19 @@ def decode_attention_time(
     flops = 4.0 * batch * num_heads * keys * head_dim
     kv_bytes = batch * keys * 2 * num_kv_heads * head_dim * dtype_bytes(kv_dtype)
     q_out = batch * num_heads * head_dim * 2 * 2.0
-    cost = _decode_kernel(device, name, flops, kv_bytes + q_out, batch * num_kv_heads, keys)
+    cost = _decode_kernel(device, name, flops, kv_bytes + q_out, batch * num_kv_heads, keys, head_dim=head_dim)
     _add_dequant(device, cost, _kv_key("", kv_dtype), batch * keys * 2 * num_kv_heads * head_dim)
     cost.info = {"batch": batch, "kv_len": kv_len, "heads": num_heads, "kv_heads": num_kv_heads, "window": window}
     return cost
 
 
 def _decode_kernel(device, name: str, flops: float, bytes_moved: float, groups: int, keys: int,
-                   compute_efficiency: float | None = None) -> OpCost:
+                   compute_efficiency: float | None = None, head_dim: int = 0) -> OpCost:
     """Decode attention streams the KV cache; with few (sequence, KV head) groups the kernel
     splits the keys (flash-decoding) but short caches still leave units idle. Each group is a
     work unit with a cost of its own (``decode_per_sequence``: its first key block, block-table
-    lookups, the split-K reduction), which sets the step at large batch and short caches."""
+    lookups, the split-K reduction), which sets the step at large batch and short caches; it
+    grows with ``head_dim`` by ``decode_per_dim`` per element (0 for MLA's head tiles)."""
     eff = device.efficiency
     # np.maximum / np.minimum: ``groups`` and ``keys`` may be arrays (one entry per DP replica)
     splits = np.maximum(1, np.minimum(-(-keys // 256), -(-device.compute_units // np.maximum(groups, 1))))
@@ -156,7 +157,7 @@ def _decode_kernel(device, name: str, flops: float, bytes_moved: float, groups: 
     cost = kernel(device, name, flops, bytes_moved, "bf16", compute_efficiency=compute_efficiency,
                   memory_efficiency=eff.attention_decode * np.maximum(busy, 0.05))
     _add_overhead(device, cost)
-    units = groups * eff.decode_per_sequence
+    units = groups * (eff.decode_per_sequence + head_dim * eff.decode_per_dim)
     cost.time = cost.time + units
     cost.launch_time = cost.launch_time + units
     return cost

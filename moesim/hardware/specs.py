@@ -94,6 +94,9 @@ class Efficiency(Spec):
     decode_per_sequence: Seconds = Field(0.0, description="decode attention: time per work unit, one (sequence, "
                                          "KV head) or one MLA (sequence, 64-head tile): its first key block, block "
                                          "table, split-K reduce, s")
+    decode_per_dim: Seconds = Field(0.0, description="decode attention (not MLA): time per work unit per element of "
+                                    "the head dim, on top of decode_per_sequence (a head dim of 128 loads and "
+                                    "reduces twice the bytes per key block of 64), s")
     kv_dequant: dict[str, float] = Field(default_factory=dict, description="attention over a quantised KV cache, "
                                          "by kernel and KV dtype ('fp8', 'mla_fp8'): seconds per cached element "
                                          "dequantised; '<key>_call': seconds per call")
