@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from moesim.cost.roofline import OpCost, combine, elementwise, kernel, roofline
+from moesim.cost.roofline import OpCost, combine, elementwise, kernel
 from moesim.dtypes import canonical_dtype, dtype_bytes
 
 
@@ -50,12 +50,6 @@ def wave_efficiency(work_items: int, units: int) -> float:
     return work_items / (waves * units)
 
 
-def _tile_rate(eff, tm: int, tn: int) -> float:
-    """Rate per compute unit of a ``tm x tn`` tile relative to the largest listed tile."""
-    big_m, big_n = max(eff.gemm_tiles, key=lambda t: t[0] * t[1])
-    return (1.0 + eff.tile_overhead * (1.0 / big_m + 1.0 / big_n)) / (1.0 + eff.tile_overhead * (1.0 / tm + 1.0 / tn))
-
-
 def plan(device, m: int, n: int, k: int, flops: float, bytes_moved: float, rate: float,
          variant: str = "bf16", dtype: str = "bf16") -> tuple[int, int, int, float]:
     """``(tile_m, tile_n, split, shape efficiency)`` of the fastest ``gemm_tiles`` tile and
@@ -68,22 +62,30 @@ def plan(device, m: int, n: int, k: int, flops: float, bytes_moved: float, rate:
     splits = variant not in eff.no_split_k and dtype not in eff.no_split_k
     units = device.compute_units
     bandwidth = device.memory.bandwidth * eff.memory
+    k_half, latency, p, overhead = eff.k_half, eff.memory_latency, eff.roofline_p, eff.tile_overhead
+    # a tile's rate per compute unit relative to the largest listed tile's
+    big_m, big_n = max(eff.gemm_tiles, key=lambda t: t[0] * t[1])
+    big_rate = 1.0 + overhead * (1.0 / big_m + 1.0 / big_n)
+    edge_m, edge_n = _tile(m, 1 << 30, 16), _tile(n, 1 << 30, 32)
     best = None
-    for big_m, big_n in eff.gemm_tiles:
-        tm, tn = min(big_m, _tile(m, big_m, 16)), min(big_n, _tile(n, big_n, 32))
-        count = math.ceil(m / tm) * math.ceil(n / tn)
+    for top_m, top_n in eff.gemm_tiles:
+        tm, tn = min(top_m, edge_m), min(top_n, edge_n)
+        rows, cols = -(-m // tm), -(-n // tn)
+        count = rows * cols
         # work in padded tiles, over the units of the waves it takes
-        fill = m * n / (math.ceil(m / tm) * tm * math.ceil(n / tn) * tn) * _tile_rate(eff, tm, tn)
+        fill = m * n / (rows * tm * cols * tn) * big_rate / (1.0 + overhead * (1.0 / tm + 1.0 / tn))
         split = 1
         while True:
             depth = k / split
-            shape_eff = fill * wave_efficiency(count * split, units) * depth / (depth + eff.k_half)
-            chain = math.ceil(count * split / units) * math.ceil(depth / 128) * step
+            waves = math.ceil(count * split / units)
+            shape_eff = fill * count * split / (waves * units) * depth / (depth + k_half)
+            chain = waves * math.ceil(depth / 128) * step
             if chain * rate * shape_eff > flops:
                 shape_eff = flops / (rate * chain)
             extra = 2 * m * n * 4 * split if split > 1 else 0
-            _, _, body = roofline(flops, bytes_moved + extra, rate * shape_eff, bandwidth, eff.memory_latency,
-                                  eff.roofline_p)
+            # the roofline's softened corner, in plain floats (a compiled call per candidate costs more)
+            compute, memory = flops / (rate * shape_eff), (bytes_moved + extra) / bandwidth + latency
+            body = (compute**p + memory**p) ** (1.0 / p)
             if best is None or body < best[0]:
                 best = (body, tm, tn, split, shape_eff)
             split *= 2
