@@ -1,0 +1,108 @@
+"""GEMM tile choice and k-step floor, FlashAttention-3 prefill tiles, the decode head-dim term,
+and family-restricted calibration: each against its own definition and against the plain model
+a profile without the figures keeps."""
+
+import pytest
+
+from moesim.cost.attention import decode_attention_time, prefill_attention_time
+from moesim.cost.gemm import gemm_time, plan
+from moesim.hardware import catalog
+from moesim.validate import calibrate
+from moesim.validate.tables import read_folder
+
+
+def _with(device, **figures):
+    return device.model_copy(update={"efficiency": device.efficiency.model_copy(update=figures)})
+
+
+@pytest.fixture(scope="module")
+def h100():
+    return catalog.device("h100-sxm")
+
+
+def test_profile_without_tiles_keeps_the_power_of_two_tile(h100):
+    plain = _with(h100, gemm_tiles=[], k_step={}, no_split_k=[])
+    cost = gemm_time(plain, 8192, 128, 1536)
+    assert cost.info["tile"] == (128, 128) and cost.info["split_k"] == 2  # 64 tiles, split to fill 132 SMs
+
+
+def test_plan_takes_the_fastest_candidate(h100):
+    m, n, k = 8192, 128, 1536
+    flops, nbytes = 2.0 * m * n * k, 2.0 * (m * k + k * n + m * n)
+    rate = h100.peak_flops("bf16") * h100.efficiency.compute_for("bf16")
+    chosen = gemm_time(h100, m, n, k)
+    # a shorter list (keeping the largest tile, the rates' reference) offers a subset of the
+    # candidates: none of them is faster, and one of them is the choice
+    big = max(h100.efficiency.gemm_tiles, key=lambda t: t[0] * t[1])
+    subsets = [gemm_time(_with(h100, gemm_tiles=[tile, big]), m, n, k).time for tile in h100.efficiency.gemm_tiles]
+    assert chosen.time == pytest.approx(min(subsets), rel=1e-12)
+    tm, tn, split, shape = plan(h100, m, n, k, flops, nbytes, rate)
+    assert (tm, tn) == chosen.info["tile"] and split == chosen.info["split_k"] and 0 < shape <= 1
+
+
+def test_one_tile_deep_reduction_is_set_by_the_k_step(h100):
+    """m = 1, n = 128 is one tile; a kernel that never splits k takes k / 128 steps."""
+    step = h100.efficiency.k_step["fp8_block"]
+    assert "fp8_block" in h100.efficiency.no_split_k
+    short, deep = (gemm_time(h100, 1, 128, k, "fp8_block") for k in (16384, 65536))
+    assert deep.info["split_k"] == 1
+    assert deep.time - short.time == pytest.approx((65536 - 16384) / 128 * step, rel=0.05)
+    # bf16 (cuBLAS) splits the same reduction and is far faster
+    assert gemm_time(h100, 1, 128, 65536).info["split_k"] > 1
+
+
+def test_prefill_tiles_pack_the_query_heads_of_a_kv_head_for_short_prompts(h100):
+    eff = h100.efficiency
+    assert eff.prefill_tile == 128
+    # one-token prompts: a CTA per (sequence, KV head), so 32 or 64 query heads over 8 KV heads cost alike
+    a = prefill_attention_time(h100, 256, 1, 32, 8, 128)
+    b = prefill_attention_time(h100, 256, 1, 64, 8, 128)
+    assert b.time == pytest.approx(a.time, rel=0.02)
+    ctas = 256 * 8
+    compute = (ctas * (2.0 * 128 * 128 * 256 / (h100.peak_flops("bf16") * eff.attention_prefill / h100.compute_units)
+                       + eff.prefill_cta)) / h100.compute_units
+    assert a.compute_time == pytest.approx(compute, rel=1e-9)
+
+
+def test_prefill_tiles_off_is_the_flop_model(h100):
+    plain = _with(h100, prefill_tile=0)
+    for args in ((1, 4096, 32, 8, 128), (8, 300, 16, 16, 64)):
+        assert prefill_attention_time(h100, *args, tiles=False).time == pytest.approx(
+            prefill_attention_time(plain, *args).time)
+
+
+def test_long_prompt_prefill_is_its_causal_blocks_at_the_fitted_share(h100):
+    eff = h100.efficiency
+    seq, heads = 16384, 32
+    tiles = seq // 128
+    blocks = tiles * (tiles + 1) / 2  # tile j runs j + 1 key blocks
+    expected = heads * blocks * 2.0 * 128 * 128 * 256 / (h100.peak_flops("bf16") * eff.attention_prefill)
+    expected += heads * tiles * eff.prefill_cta / h100.compute_units
+    assert prefill_attention_time(h100, 1, seq, heads, 8, 128).compute_time == pytest.approx(expected, rel=1e-9)
+
+
+def test_decode_unit_cost_grows_with_the_head_dim(h100):
+    eff = h100.efficiency
+    assert eff.decode_per_dim > 0
+    t64 = decode_attention_time(h100, 2048, 1, 32, 8, 64)
+    t128 = decode_attention_time(h100, 2048, 1, 32, 8, 128)
+    plain = _with(h100, decode_per_dim=0.0)
+    extra = 2048 * 8 * 128 * eff.decode_per_dim
+    assert t128.time - decode_attention_time(plain, 2048, 1, 32, 8, 128).time == pytest.approx(extra)
+    assert t128.time > t64.time
+
+
+def test_family_restricted_fit_moves_only_that_familys_figures(h100, tmp_path):
+    """Rows made by the model at a known tile_overhead: a gemm-only fit brings it back and leaves
+    the figures other families share (launch overhead, memory, k_half) where they were."""
+    truth = calibrate.with_values(h100, {("efficiency", "tile_overhead"): 40.0})
+    shapes = [(m, n, k) for m in (1, 64, 200, 1000, 3000) for n, k in ((4096, 4096), (1024, 7168), (14336, 2048))]
+    rows = [["bfloat16", m, n, k, gemm_time(truth, m, n, k).time * 1e3] for m, n, k in shapes]
+    path = tmp_path / "gemm_vllm_0.19.0_gemm_perf.csv"
+    path.write_text("gemm_dtype,m,n,k,latency\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    fitted, record = calibrate.fit(h100, read_folder(tmp_path), families={"gemm"}, sweeps=4)
+    assert set(record["figures"]) <= {"efficiency.compute.bf16", "efficiency.tile_overhead", "efficiency.k_step.bf16"}
+    assert fitted.efficiency.tile_overhead == pytest.approx(40.0, rel=0.1)
+    for field in ("memory", "memory_latency", "k_half", "roofline_p"):
+        assert getattr(fitted.efficiency, field) == getattr(h100.efficiency, field)
+    assert fitted.launch_overhead == h100.launch_overhead
