@@ -21,11 +21,12 @@ GPU-level model of DeepSeek-V3 has ~18,000 binaries a layer):
    groups it is EPLB's plan. Each expert may sit only where a start puts it or on the
    ``candidates`` least-loaded nodes, so presolve shrinks the model to what one second solves.
 2. **GPU stage, per node.** Replicas packed heaviest first onto the node's GPUs (never two of an
-   expert on one GPU), then an LP splits each expert's tokens over all its replicas in the layer
-   to minimise the most loaded GPU; when that straggler is above ``cap``, a small MILP per node
-   (replica-to-GPU binaries, tokens, the node's straggler minimised) replaces the packing. A
-   layer whose straggler still comes out above ``cap`` keeps EPLB's placement, so the plan is
-   never less balanced than EPLB's, layer by layer.
+   expert on one GPU) and improved by swapping replicas off the most loaded GPU, then an LP
+   splits each expert's tokens over all its replicas in the layer to minimise the most loaded
+   GPU; when that straggler is above ``cap``, a small MILP per node (replica-to-GPU binaries,
+   tokens, the node's straggler minimised) replaces the packing. A layer still above ``cap`` is
+   tried again with a quarter of the slack, then keeps EPLB's placement, so the plan is never
+   less balanced than EPLB's, layer by layer.
 
 The node stage's status, objective, best bound and relative gap are kept per layer; the plan
 reports the sums and the worst gap. The time limit is shared out over the layers as it goes.
