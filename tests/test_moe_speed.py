@@ -21,7 +21,7 @@ CASES = [  # (device, expert dtype, hidden, expert intermediate, gated)
 
 def _both(dev, dtype, hidden, inter, gated, local, tokens, top_k):
     args = (float(local.shape[1]), float(hidden), float(inter), float(top_k), gated, _moe_device(dev, dtype))
-    fast = _moe_times(local, tokens, *args, _table(args, tokens.max(initial=0.0)))
+    fast, _ = _moe_times(local, tokens, *args, _table(args, tokens.max(initial=0.0)))
     return fast, _moe_times_reference(local, tokens, *args)
 
 
@@ -59,3 +59,16 @@ def test_expert_times_equals_moe_layer_time_without_router():
         layer = moe_layer_time(dev, row, tokens=max(int(row.sum()), 1), hidden=7168, inter=2048, top_k=1,
                                dtype="fp8_block", router=False)
         assert seconds == pytest.approx(layer.time, rel=1e-12)
+
+
+def test_whole_counts_and_own_tokens_equal_the_float_path():
+    dev = device("h100-sxm")
+    local = np.random.default_rng(3).poisson(40.0, size=(5, 64, 4))
+    local[:, ::5] = 0
+    slots = np.maximum(local.sum(axis=2), 1).astype(np.float64)
+    kw = dict(hidden=7168, inter=2048, dtype="fp8_block")
+    ints = expert_times(dev, local, **kw)
+    floats = expert_times(dev, local.astype(np.float64), tokens=slots, **kw)
+    args = (4.0, 7168.0, 2048.0, 1.0, True, _moe_device(dev, "fp8_block"))
+    reference = _moe_times_reference(local.reshape(-1, 4).astype(np.float64), slots.reshape(-1), *args).reshape(5, 64)
+    assert np.array_equal(ints, reference) and np.array_equal(floats, reference)

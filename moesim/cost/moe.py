@@ -211,13 +211,19 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
     """Seconds of :func:`_moe_rank` for each rank (nothing foreign), without the breakdown: the
     same sum in the same order, of the same kernel figures. The element-wise kernels depend only
     on a rank's token count ``t`` (top-k + sort, unpermute) or rows (activation), so their
-    seconds are kept in ``table`` ``[3, counts]`` (NaN: not met yet), filled as counts appear."""
+    seconds are kept in ``table`` ``[3, counts]`` (NaN: not met yet), filled as counts appear.
+    Empty ``tokens``: each rank's tokens are its rows (at least 1). Returns the times and the
+    largest token count met (the caller grows the table to it)."""
     ranks = local.shape[0]
     times = np.empty(ranks)
     up_n = 2 * shard if gated else shard
     up_side, down_side = _weight_side(up_n, hidden, d), _weight_side(hidden, shard, d)
+    own = tokens.size == 0
+    largest = 0.0
     for i in range(ranks):
-        t = tokens[i]
+        active, rows, block_m, row_blocks = _row_blocks(local[i], d.tile_m)
+        t = max(rows, 1.0) if own else tokens[i]
+        largest = max(largest, t)
         head, tail = _known(table, 0, t), _known(table, 2, t)
         if np.isnan(head):
             flops, bytes_moved = _topk_work(t, num_experts)
@@ -228,7 +234,6 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
             tail = _vector_fields(flops, bytes_moved, d)[0]
             if t < table.shape[1] and t == math.floor(t):
                 table[0, int(t)], table[2, int(t)] = head, tail
-        active, rows, block_m, row_blocks = _row_blocks(local[i], d.tile_m)
         seconds = head
         if active > 0:
             seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, up_n, hidden, up_side, d.act_bytes, 2.0, d)[0]
@@ -243,7 +248,7 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
         else:  # no rows: the reference adds three zeros
             seconds += 0.0
         times[i] = seconds + tail
-    return times
+    return times, largest
 
 
 _TABLES: dict[tuple, np.ndarray] = {}
@@ -331,11 +336,18 @@ def expert_times(device, local: np.ndarray, *, hidden: int, inter: int, dtype: s
     ``tokens`` (no expert parallelism) passes them with the model's ``top_k``."""
     local = np.asarray(local)
     flat = local.reshape(-1, local.shape[-1])
+    if flat.dtype != np.int64:  # whole counts go in as they are (the compiled loop reads them exactly)
+        flat = flat.astype(np.float64)
     if tokens is None:
-        tokens = np.maximum(flat.sum(axis=1), 1).astype(np.float64)
+        tokens = _NO_TOKENS  # each rank's own rows, counted in the loop
     else:
-        tokens = np.broadcast_to(np.asarray(tokens, dtype=np.float64), local.shape[:-1]).reshape(-1)
+        tokens = np.ascontiguousarray(np.broadcast_to(np.asarray(tokens, dtype=np.float64), local.shape[:-1]).reshape(-1))
     args = (float(flat.shape[1]), float(hidden), float(inter // expert_tp), float(top_k), bool(gated), _moe_device(device, dtype))
-    times = _moe_times(np.ascontiguousarray(flat, dtype=np.float64), np.ascontiguousarray(tokens), *args,
-                       _table(args, tokens.max(initial=0.0)))
+    table = _table(args, tokens.max(initial=0.0))
+    times, largest = _moe_times(np.ascontiguousarray(flat), tokens, *args, table)
+    if largest >= table.shape[1]:
+        _table(args, largest)  # the next call finds these counts tabled
     return times.reshape(local.shape[:-1])
+
+
+_NO_TOKENS = np.empty(0)
