@@ -72,3 +72,10 @@ def test_whole_counts_and_own_tokens_equal_the_float_path():
     args = (4.0, 7168.0, 2048.0, 1.0, True, _moe_device(dev, "fp8_block"))
     reference = _moe_times_reference(local.reshape(-1, 4).astype(np.float64), slots.reshape(-1), *args).reshape(5, 64)
     assert np.array_equal(ints, reference) and np.array_equal(floats, reference)
+
+
+def test_device_figures_remembered_per_object_not_per_name():
+    dev = device("h100-sxm")
+    slower = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(update={"moe_empty_block": 1e-6})})
+    assert _moe_device(dev, "bf16") is _moe_device(dev, "bf16")
+    assert _moe_device(slower, "bf16").empty_block == 1e-6 != _moe_device(dev, "bf16").empty_block

@@ -38,7 +38,22 @@ _PARTS = ("topk", "align", "gate_up", "activation", "down", "combine")
 _FIELDS = ("time", "compute_time", "memory_time", "launch_time", "flops", "bytes")
 
 
+_DEVICES: dict[tuple[int, str], tuple] = {}
+
+
 def _moe_device(device, dtype: str) -> _MoeDevice:
+    """:func:`_moe_device_figures`, remembered per device object (profiles are frozen models;
+    the entry keeps the object, so its id is not reused while it is remembered): the simulator
+    asks once a step, and working the figures out costs more than a step's MoE layer on one GPU."""
+    entry = _DEVICES.get((id(device), dtype))
+    if entry is None or entry[0] is not device:
+        if len(_DEVICES) >= 256:  # calibration fits make many device variants
+            _DEVICES.clear()
+        entry = _DEVICES[id(device), dtype] = (device, _moe_device_figures(device, dtype))
+    return entry[1]
+
+
+def _moe_device_figures(device, dtype: str) -> _MoeDevice:
     eff = device.efficiency
     variant = dtype.lower()
     canon = canonical_dtype(variant)
