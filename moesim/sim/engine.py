@@ -155,17 +155,22 @@ class _Group:
             cfg = self.cfg
             budgets = cfg.max_batched_tokens - np.bincount(rep[dec], minlength=self.R)
             for r in np.unique(rep[prefilling]).tolist():
-                budget = int(budgets[r])
-                for q in ids[prefilling & (rep == r)].tolist():
-                    if budget <= 0:
-                        break
-                    left = int(self.target[q] - self.prefilled[q])
-                    take = min(left, budget) if cfg.chunked_prefill else (left if left <= budget or not chunks else 0)
-                    if take <= 0:
-                        break
-                    chunks.append((r, q, take, int(self.prefilled[q])))
-                    budget -= take
+                self._chunks(r, ids[prefilling & (rep == r)].tolist(), int(budgets[r]), chunks)
         return decode_ids, chunks
+
+    def _chunks(self, r: int, queue: list, budget: int, chunks: list) -> None:
+        """Prompt chunks of replica ``r``'s prefilling sequences ``queue`` (admission order)
+        within its token ``budget``, appended to ``chunks`` as (replica, sequence, tokens,
+        tokens already prefilled); without chunked prefill a prompt goes whole or waits."""
+        for q in queue:
+            if budget <= 0:
+                break
+            left = int(self.target[q] - self.prefilled[q])
+            take = min(left, budget) if self.cfg.chunked_prefill else (left if left <= budget or not chunks else 0)
+            if take <= 0:
+                break
+            chunks.append((r, q, take, int(self.prefilled[q])))
+            budget -= take
 
     def _classify(self):
         """The running sequences (``ids`` replica by replica, ``rep`` their replicas), which
@@ -199,16 +204,7 @@ class _Group:
             for q in grow:
                 self.blocks[q] += 1
             self.free[r] -= len(grow)
-            budget = cfg.max_batched_tokens - len(dec)
-            for q in prefilling:
-                if budget <= 0:
-                    break
-                left = int(self.target[q] - self.prefilled[q])
-                take = min(left, budget) if cfg.chunked_prefill else (left if left <= budget or not chunks else 0)
-                if take <= 0:
-                    break
-                chunks.append((r, q, take, int(self.prefilled[q])))
-                budget -= take
+            self._chunks(r, prefilling, cfg.max_batched_tokens - len(dec), chunks)
             decode_ids += dec
         return np.array(decode_ids, dtype=np.int64), chunks
 
