@@ -32,11 +32,12 @@ NVLS, in-switch reduction) and ``share[LL]`` the LL protocol's share of Simple's
 of each 8-byte store is a flag). Small messages take LL's low latency, large ones Simple's
 bandwidth, as NCCL picks.
 
-DeepEP dispatch / combine (:func:`deepep_time`) are not NCCL: they are kernels that copy tokens
-over NVLink with a fixed share of the SMs, so a call costs a kernel floor (launch, barrier,
-layout notification) plus its bytes at the lower of the link's rate and the copying SMs' rate
-(normal mode: SMs x rate per SM; low-latency mode: local experts x rate per expert, as each
-expert's tokens are received by one warp group, under a cap per mode), plus a cost per token
+DeepEP dispatch / combine (:func:`all_to_all_time` with a DeepEP ``kernel``) are not NCCL: they
+are kernels that copy tokens over NVLink with a fixed share of the SMs, so a call costs a kernel
+floor (launch, barrier, layout notification) plus its bytes at the lower of the link's rate and
+the copying SMs' rate (normal mode: SMs x rate per SM; low-latency mode: local experts x rate
+per expert, as each expert's tokens are received by one warp group, under a cap per mode), plus
+a cost per token
 (each token read or reduced once, whatever its destinations) and, in low-latency mode, per
 expert.
 """
@@ -104,10 +105,15 @@ def _ring_time(graph, members: list[str], nbytes: float, passes: int, *, op: str
     return passes * ((n - 1) / n * nbytes / bandwidth + (n - 1) * latency)
 
 
+def _efficiency(graph, member: str, device=None):
+    """``device``'s efficiency figures, by default those of ``member``'s own profile (None without one)."""
+    spec = device if device is not None else graph.nodes[member].get("spec")
+    return getattr(spec, "efficiency", None)
+
+
 def _nccl_figures(graph, group: list[str], device=None):
     """The device's efficiency figures when they hold NCCL's and ``group`` is inside one node."""
-    spec = device if device is not None else graph.nodes[group[0]].get("spec")
-    eff = getattr(spec, "efficiency", None)
+    eff = _efficiency(graph, group[0], device)
     if eff is None or not eff.nccl_bus or len({_node_of(graph, g) for g in group}) > 1:
         return None
     return eff
@@ -210,15 +216,14 @@ class AllToAll:
         if remote_route:
             self.nic = remote_route.bandwidth
             self.latency = max(self.latency, remote_route.latency * (2 if algorithm == "hierarchical" else 1))
-        self.kernel, self.ll, self.token_cost = kernel, None, 0.0
+        self.ll, self.token_cost = None, 0.0
         if kernel is not None and self.capacity is not None and self.nic is None:
             self._kernel_figures(graph, kernel, device, sms, experts)
 
     def _kernel_figures(self, graph, kernel: str, device, sms: int, experts: int) -> None:
         """Rate and floor of one node's all-to-all as ``kernel`` runs it (module docstring):
         ``capacity`` becomes the rate a rank's bytes move at, ``latency`` the fixed cost."""
-        spec = device if device is not None else graph.nodes[self.group[0]].get("spec")
-        eff = getattr(spec, "efficiency", None)
+        eff = _efficiency(graph, self.group[0], device)
         n = self.ranks
         if kernel == "nccl":
             if eff is None or not eff.nccl_bus:

@@ -260,8 +260,6 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
                     table[1, int(rows)] = activation
             seconds += activation
             seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, d)[0]
-        else:  # no rows: the reference adds three zeros
-            seconds += 0.0
         times[i] = seconds + tail
     return times, largest
 
