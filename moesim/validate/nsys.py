@@ -14,6 +14,7 @@ launched from.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +79,7 @@ def _columns(connection: sqlite3.Connection, table: str) -> list[str]:
 def read_kernels(path: str | Path) -> NsysKernels:
     """The kernel table of an nsys SQLite export, names resolved through StringIds."""
     path = Path(path)
-    connection = _connect(path)
-    try:
+    with closing(_connect(path)) as connection:
         columns = _columns(connection, KERNEL_TABLE)
         if not columns:
             raise InputError(f"no {KERNEL_TABLE} table: the report recorded no CUDA kernels (profile with -t cuda)",
@@ -96,8 +96,6 @@ def read_kernels(path: str | Path) -> NsysKernels:
                 f"LEFT JOIN StringIds AS s ON s.id = k.{name_column} ORDER BY k.start").fetchall()
         except sqlite3.DatabaseError as exc:
             raise InputError(f"cannot read {KERNEL_TABLE}: {exc}", source=str(path)) from None
-    finally:
-        connection.close()
     if any(r[0] is None or r[1] is None for r in rows):
         raise InputError(f"{KERNEL_TABLE} has kernels without start/end timestamps", source=str(path))
     table = np.array([r[:5] for r in rows], dtype=np.int64).reshape(-1, 5)
@@ -108,21 +106,19 @@ def read_kernels(path: str | Path) -> NsysKernels:
 def read_nvtx_ranges(path: str | Path, match: str | None = None) -> list[NvtxRange]:
     """NVTX ranges (those with an end) whose text contains ``match``, by start time."""
     path = Path(path)
-    connection = _connect(path)
-    try:
-        columns = _columns(connection, "NVTX_EVENTS")
-        if not columns:
-            return []
-        text = "COALESCE(n.text, s.value)" if "textId" in columns else "n.text"
-        join = "LEFT JOIN StringIds AS s ON s.id = n.textId" if "textId" in columns else ""
-        tid = "n.globalTid" if "globalTid" in columns else "0"
-        rows = connection.execute(
-            f"SELECT {text}, n.start, n.end, {tid} FROM NVTX_EVENTS AS n {join} "
-            f"WHERE n.end IS NOT NULL AND n.end >= n.start ORDER BY n.start").fetchall()
-    except sqlite3.DatabaseError as exc:
-        raise InputError(f"cannot read NVTX_EVENTS: {exc}", source=str(path)) from None
-    finally:
-        connection.close()
+    with closing(_connect(path)) as connection:
+        try:
+            columns = _columns(connection, "NVTX_EVENTS")
+            if not columns:
+                return []
+            text = "COALESCE(n.text, s.value)" if "textId" in columns else "n.text"
+            join = "LEFT JOIN StringIds AS s ON s.id = n.textId" if "textId" in columns else ""
+            tid = "n.globalTid" if "globalTid" in columns else "0"
+            rows = connection.execute(
+                f"SELECT {text}, n.start, n.end, {tid} FROM NVTX_EVENTS AS n {join} "
+                f"WHERE n.end IS NOT NULL AND n.end >= n.start ORDER BY n.start").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"cannot read NVTX_EVENTS: {exc}", source=str(path)) from None
     return [NvtxRange(t or "", int(s), int(e), int(g or 0)) for t, s, e, g in rows if match is None or match in (t or "")]
 
 
@@ -131,8 +127,7 @@ def kernels_in_range(path: str | Path, kernels: NsysKernels, nvtx: NvtxRange) ->
     (same correlation id) started on the range's thread between its start and end. Without a
     runtime table, the kernels that started inside the range instead."""
     path = Path(path)
-    connection = _connect(path)
-    try:
+    with closing(_connect(path)) as connection:
         columns = _columns(connection, "CUPTI_ACTIVITY_KIND_RUNTIME")
         if not columns or "correlationId" not in columns:
             return np.flatnonzero((kernels.start_ns >= nvtx.start_ns) & (kernels.start_ns <= nvtx.end_ns))
@@ -140,6 +135,4 @@ def kernels_in_range(path: str | Path, kernels: NsysKernels, nvtx: NvtxRange) ->
         params = (nvtx.start_ns, nvtx.end_ns) + ((nvtx.global_tid,) if same_thread else ())
         launched = {r[0] for r in connection.execute(
             f"SELECT correlationId FROM CUPTI_ACTIVITY_KIND_RUNTIME WHERE start >= ? AND start <= ? {same_thread}", params)}
-    finally:
-        connection.close()
     return np.flatnonzero(np.isin(kernels.correlation, list(launched)))
