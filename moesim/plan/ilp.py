@@ -81,13 +81,12 @@ class Ilp:
         node = node_of_slot(problem)
         phy2log = np.empty_like(warm.phy2log)
         weight = np.empty(warm.phy2log.shape)
+        caps = gpu_loads(problem, warm).max(axis=1) * (1 + 1e-9)  # EPLB's straggler per layer
         layers = []
         for layer in range(L):
             left = self.time_limit - (time.perf_counter() - start)
             budget = max(left / (L - layer), 0.05)
-            load = problem.loads[layer]
-            warm_gpu = (load[warm.phy2log[layer]] * warm.weight[layer]).reshape(problem.gpus, -1).sum(axis=1)
-            cap = warm_gpu.max() * (1 + 1e-9)
+            load, cap = problem.loads[layer], caps[layer]
             layer_end = time.perf_counter() + budget
             candidate, candidate_weight, straggler = None, None, np.inf
             # a layer whose GPUs cannot be packed under the cap is tried again with nodes held
@@ -186,14 +185,13 @@ class Ilp:
         lower = np.zeros(ncol)
         upper = np.concatenate([np.full(EN, float(gpn)), np.ones(EN), np.repeat(load, N), np.ones(extra)])
         grouped = _grouped_start(problem, layer, cap, node_cap) if problem.groups > 1 else None
+        eplb = _node_replicas(problem, layer, warm, node)
         if self.candidates:
             # each expert may sit only on the nodes where a start has it, or on the ``candidates``
             # nodes the starts leave least loaded: presolve drops the rest, which makes DeepSeek-V3
             # layers solvable in about a second
-            allowed = np.zeros((E, N), dtype=bool)
-            allowed[warm.phy2log[layer], node] = True
-            start_tokens = np.zeros((E, N))
-            np.add.at(start_tokens, (warm.phy2log[layer], node), load[warm.phy2log[layer]] * warm.weight[layer])
+            allowed = eplb[0] > 0
+            start_tokens = eplb[1]
             if grouped is not None:
                 allowed |= grouped[0] > 0
                 start_tokens = grouped[1]
@@ -220,8 +218,7 @@ class Ilp:
         h.changeColsIntegrality(ncol, np.arange(ncol, dtype=np.int32), integer)
         blocks = (ia, ih, iy, iz)
         # HiGHS keeps one start: the group-keeping one when there is one (EPLB's spreads groups)
-        h.setSolution(_start(problem, *grouped, ncol, blocks, True) if grouped is not None
-                      else _warm_start(problem, layer, warm, node, ncol, blocks, problem.groups > 1))
+        h.setSolution(_start(problem, *(grouped if grouped is not None else eplb), ncol, blocks, problem.groups > 1))
         h.run()
         status = h.modelStatusToString(h.getModelStatus())
         info = h.getInfo()
@@ -410,7 +407,7 @@ def _grouped_start(problem: PlacementProblem, layer: int, cap: float, node_cap: 
         y[e, to] += moved
         a[e, to] += 1
         a[e, over] = max(int(np.ceil(y[e, over] / cap - 1e-9)), 0) if y[e, over] > 1e-9 else 0
-        if a[:, over].sum() == 0 or (y[:, over].sum() == 0 and False):
+        if a[:, over].sum() == 0:
             return None
     if (y.sum(axis=0) > node_cap + 1e-6).any() or (a.sum(axis=1) == 0).any() or (a.sum(axis=0) > S).any():
         return None
@@ -424,15 +421,15 @@ def _grouped_start(problem: PlacementProblem, layer: int, cap: float, node_cap: 
     return a, y
 
 
-def _warm_start(problem, layer, warm, node, ncol, blocks, grouped) -> highspy.HighsSolution:
-    """EPLB's plan in the node stage's columns."""
+def _node_replicas(problem: PlacementProblem, layer: int, plan: PlacementPlan, node: np.ndarray):
+    """A plan's replicas and tokens of one layer per (expert, node), ``[experts, nodes]``."""
     E, N = problem.experts, problem.nodes
-    load = problem.loads[layer]
+    row = plan.phy2log[layer]
     a = np.zeros((E, N))
-    np.add.at(a, (warm.phy2log[layer], node), 1.0)
+    np.add.at(a, (row, node), 1.0)
     y = np.zeros((E, N))
-    np.add.at(y, (warm.phy2log[layer], node), load[warm.phy2log[layer]] * warm.weight[layer])
-    return _start(problem, a, y, ncol, blocks, grouped)
+    np.add.at(y, (row, node), problem.loads[layer][row] * plan.weight[layer])
+    return a, y
 
 
 def _start(problem, a, y, ncol, blocks, grouped) -> highspy.HighsSolution:
