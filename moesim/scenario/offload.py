@@ -160,9 +160,7 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
     except MoesimError as exc:
         raise InputError(exc.message, source=source, field=exc.field) from None
     # the rows each request computes: its prompt, then every output token but the last
-    lengths = reqs.prompt + reqs.output
-    begin = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    end = begin + lengths - 1
+    end = np.cumsum(reqs.prompt + reqs.output).astype(np.int64) - 1
 
     def fresh():
         src = make_source()
@@ -171,7 +169,7 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
         prefetch = PREFETCH[off.prefetch](layers=M, experts=E, top_k=k, popularity=popularity, top_n=off.top_n,
                                           accuracy=off.accuracy, seed=scn.routing.seed, trace=src.ids,
                                           profile_tokens=off.profile_tokens)
-        future = FutureUses(src.ids, begin, end, E) if off.residency == "belady" else None
+        future = FutureUses(src.ids, end, E) if off.residency == "belady" else None
         model = OffloadStepModel(base, tiers=tiers, residency=residency, prefetch=prefetch, on_miss=ON_MISS[off.on_miss](),
                                  link=link, ssd=ssd, cpu=cpu, expert_dtype=expert_dtype, low_dtype=low_dtype, routing=src,
                                  future=future, layer_overhead=off.layer_overhead)

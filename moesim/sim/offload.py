@@ -115,8 +115,6 @@ def _timeline(seg, tail, pre_bytes, dem_bytes, on_ssd, gpu_need, gpu_time, share
         g = r
         for j in idx:
             g = max(g, when[j]) + gpu_time[m] * part[j]
-        if count == 0:
-            g = r
         stall[m] = max(g - r - (gpu_time[m] if count else 0.0), 0.0)
         end = max(g, cpu_done)
         cpu_wait[m] = end - g
@@ -128,12 +126,12 @@ def _timeline(seg, tail, pre_bytes, dem_bytes, on_ssd, gpu_need, gpu_time, share
 class FutureUses:
     """Next uses of every (layer, expert) in the routing trace, per request: Belady's oracle.
 
-    ``ids`` ``[rows, layers, k]``; request ``q`` owns rows ``[begin[q], end[q])`` (the rows it
-    will compute)."""
+    ``ids`` ``[rows, layers, k]``; request ``q``'s rows (the rows it will compute) end before
+    ``end[q]``."""
 
-    def __init__(self, ids: np.ndarray, begin: np.ndarray, end: np.ndarray, experts: int):
+    def __init__(self, ids: np.ndarray, end: np.ndarray, experts: int):
         rows = ids.shape[0]
-        self.rows, self.experts, self.begin, self.end = rows, experts, begin, end
+        self.rows, self.experts, self.end = rows, experts, end
         r, m, _ = np.nonzero(ids >= 0)
         e = ids[ids >= 0].astype(np.int64)
         self.keys = np.unique((m.astype(np.int64) * experts + e) * (rows + 1) + r)
