@@ -128,7 +128,7 @@ def predict_moe(table: Table, device, graph=None, *, draws: int = 3, counts_cach
                   predicted)]
 
 
-def predict_moe_deepep(table: Table, device, graph=None, *, draws: int = 3, counts_cache: dict | None = None) -> list[Cases]:
+def predict_moe_deepep(table: Table, device, graph=None, *, draws: int = 3) -> list[Cases]:
     """SGLang DeepEP MoE expert compute: the rank computes the slots of its own experts only.
     ``num_tokens`` is read as the tokens of the whole EP group, routed over all experts, of
     which rank 0 computes its experts' share (the reading that matches the decode table; taken
@@ -267,21 +267,21 @@ def _deepep(table: Table, graph, mode: str, device=None) -> list[Cases]:
     ranks = len(group)
     out = []
     for quantity in ("dispatch", "combine"):
+        # low latency: fp8 + scales out, bf16 back; normal: bf16 both ways
+        element = (1.0 + _FP8_SCALE_BYTES) if mode == "ll" and quantity == "dispatch" else 2.0
+        sms = _ints(table, f"{quantity}_sms") if mode == "normal" else np.zeros(len(table), dtype=np.int64)
         predicted = np.empty(len(table))
         for i in range(len(table)):
-            if mode == "ll":  # one message per (token, expert); fp8 + scales out, bf16 back
-                element = (1.0 + _FP8_SCALE_BYTES) if quantity == "dispatch" else 2.0
+            if mode == "ll":  # one message per (token, expert)
                 per_rank = tokens[i] * k[i] * hidden[i] * element
             else:  # one bf16 copy per destination rank
                 per_rank = tokens[i] * _ranks_reached(int(experts[i]), int(k[i]), ranks) * hidden[i] * 2.0
-            sms = int(table.get(f"{quantity}_sms")[i]) if mode == "normal" else 0
-            element = (1.0 + _FP8_SCALE_BYTES) if mode == "ll" and quantity == "dispatch" else 2.0
             predicted[i] = all_to_all_time(graph, group, uniform_matrix(ranks, per_rank), kernel=f"deepep_{mode}_{quantity}",
-                                           device=device, sms=sms, experts=int(experts[i]),
+                                           device=device, sms=int(sms[i]), experts=int(experts[i]),
                                            token_bytes=tokens[i] * hidden[i] * element).time
         regime = np.full(len(table), f"{mode} {quantity}")
         if mode == "normal":
-            regime = np.array([f"normal {quantity}, {s} SMs" for s in _ints(table, f"{quantity}_sms")])
+            regime = np.array([f"normal {quantity}, {s} SMs" for s in sms])
         out.append(Cases("DeepEP", table.name, regime, tokens.astype(float), "tokens per rank",
                          table.seconds[quantity], predicted))
     return out
