@@ -134,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"the test split is empty (too few shapes for --test-fraction {args.test_fraction})",
                          source=args.measured)
     cases = predict(tests, device, cluster=args.cluster)
+    summary = summarise(cases)
     result = {"measured": str(args.measured), "measured_on": measured_on, "device": device.name,
               "efficiency_from": args.efficiency_from, "test_fraction": args.test_fraction,
               "profile": {"name": "current" if not args.efficiency_from else f"efficiency of {args.efficiency_from}",
-                          "errors": [s.to_dict() for s in summarise(cases)]}}
+                          "errors": [s.to_dict() for s in summary]}}
     final = cases
     if args.fit:
         calib = [calibrate.sample(c, args.fit_sample, seed=1) for c, _ in splits]
@@ -147,16 +148,17 @@ def run(args: argparse.Namespace) -> int:
                                                                                 style="dim")))
         fitted = calibrate.rounded(fitted)
         fitted_cases = predict(tests, fitted, cluster=args.cluster)
-        before, after = calibrate.loss_of(summarise(cases)), calibrate.loss_of(summarise(fitted_cases))
+        fitted_summary = summarise(fitted_cases)
+        before, after = calibrate.loss_of(summary), calibrate.loss_of(fitted_summary)
         better = after < before
         profile = Path(args.out) / f"{base.name}-calibrated.yaml"
         source = {"folder": str(args.measured), "commit": calibrate.shared_commit(Path(args.measured)),
                   "test_fraction": args.test_fraction, **record,
                   "test_errors": [f"{s.family}: median {s.median:.1%}, p90 {s.p90:.1%} (before {h.median:.1%}, {h.p90:.1%})"
-                                  for s, h in zip(summarise(fitted_cases), summarise(cases)) if s.regime == "all"]}
+                                  for s, h in zip(fitted_summary, summary) if s.regime == "all"]}
         calibrate.write_profile(fitted, profile, base_name=base.name, source=source)
         result["fit"] = {**record, "profile_path": str(profile), "test_score_before": before, "test_score_fitted": after,
-                         "fitted_is_better": better, "errors": [s.to_dict() for s in summarise(fitted_cases)]}
+                         "fitted_is_better": better, "errors": [s.to_dict() for s in fitted_summary]}
         if better:
             final = fitted_cases
     if args.json:
