@@ -58,21 +58,9 @@ def _hash(seed, token, layer, slot, draw):
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _uniform(seed, token, layer, slot, draw):
-    # through int64: the 53-bit value fits, and a signed conversion is one instruction
-    return float(np.int64(_hash(seed, token, layer, slot, draw) >> np.uint64(11))) * (1.0 / 9007199254740992.0)
-
-
-@numba.njit(inline="always", cache=True, error_model="numpy")
 def _field(h, shift):
     """A 16-bit uniform in [0, 1) from bits ``shift``.. of hash ``h``."""
     return float(np.int64((h >> np.uint64(shift)) & np.uint64(0xFFFF))) * (1.0 / 65536.0)
-
-
-@numba.njit(inline="always", cache=True, error_model="numpy")
-def _succ_field(h):
-    """An 8-bit uniform in [0, 1) from bits 32-39 of hash ``h``: the successor pick."""
-    return float(np.int64((h >> np.uint64(_SHIFT_SUCC)) & np.uint64(0xFF))) * (1.0 / 256.0)
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
