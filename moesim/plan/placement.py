@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.plan.eplb import rebalance_experts
+from moesim.plan.eplb import _counts as replica_counts, rebalance_experts
 
 
 @dataclass
@@ -96,8 +96,7 @@ class PlacementPlan:
 
 def equal_weights(phy2log: np.ndarray, experts: int) -> np.ndarray:
     """Each replica an equal share of its expert's tokens."""
-    counts = np.stack([np.bincount(row, minlength=experts) for row in phy2log])
-    return 1.0 / np.take_along_axis(counts, phy2log, axis=1)
+    return 1.0 / np.take_along_axis(replica_counts(phy2log, experts), phy2log, axis=1)
 
 
 class Contiguous:

@@ -34,6 +34,7 @@ from moesim.plan.placement import PlacementPlan, PlacementProblem, equal_weights
 from moesim.plan.recommend import Recommendation, fingerprint, read_plan
 from moesim.routing.formats import read_trace
 from moesim.routing.generate import generate_tokens
+from moesim.routing.trace import tokens_per_expert
 from moesim.scenario.schema import Offload, Parallel, Scenario
 from moesim.sim.placement import read_placement
 
@@ -157,11 +158,8 @@ def _routing(scn: Scenario, path: Path, arch: ModelArch, tokens: int, trace: str
         if read.num_experts != experts or read.num_layers != layers:
             raise InputError(f"the trace has {read.num_layers} layers x {read.num_experts} experts; {arch.name} has "
                              f"{layers} MoE layers x {experts} experts", source=trace, field="--trace")
-        if read.topk_ids is not None:
-            ids = np.asarray(read.topk_ids)
-            loads = _loads(ids, experts)
-        else:
-            ids, loads = None, np.asarray(read.counts).sum(axis=0).astype(np.float64)
+        ids = None if read.topk_ids is None else np.asarray(read.topk_ids)
+        loads = read.loads().sum(axis=0).astype(np.float64)
         info = {"source": str(trace), "level": read.level, "fingerprint": fingerprint(ids if ids is not None else loads)}
         return ids, loads, info
     from moesim.scenario.build import _profile  # the builder's reading of routing.profile; build imports this module
@@ -170,13 +168,7 @@ def _routing(scn: Scenario, path: Path, arch: ModelArch, tokens: int, trace: str
     ids = generate_tokens(profile, tokens, seed=scn.routing.seed)
     info = {"source": f"generated: routing profile {profile.name}", "level": "token", "tokens": tokens,
             "seed": scn.routing.seed, "fingerprint": fingerprint(ids)}
-    return ids, _loads(ids, experts), info
-
-
-def _loads(ids: np.ndarray, experts: int) -> np.ndarray:
-    ids = ids.astype(np.int64)
-    return np.stack([np.bincount(ids[:, layer][ids[:, layer] >= 0], minlength=experts) for layer in range(ids.shape[1])]
-                    ).astype(np.float64)
+    return ids, tokens_per_expert(ids, experts, ids.shape[0])[0].astype(np.float64), info
 
 
 def _current(current: str | None, experts: int, gpus: int, layers: int, slots: int) -> tuple[np.ndarray, str]:
