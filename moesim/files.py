@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -48,25 +49,26 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def read_text(path: str | Path) -> str:
-    """A text file's contents; a missing or unreadable file raises InputError naming it."""
+    """A text file's contents (gzip-compressed when the name ends in ``.gz``); a missing,
+    unreadable or truncated file raises InputError naming it."""
     path = Path(path)
     try:
+        if path.suffix == ".gz":
+            return gzip.decompress(path.read_bytes()).decode()
         return path.read_text()
     except FileNotFoundError:
         raise InputError("file not found", source=str(path)) from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read: {exc.__class__.__name__}", source=str(path)) from None
+    except (OSError, EOFError) as exc:  # gzip: not gzip data, or cut short
+        raise InputError(f"cannot decompress: {exc.__class__.__name__} (truncated or not gzip)", source=str(path)) from None
 
 
 def load_json(path: str | Path) -> Any:
-    """Parse a JSON file; a syntax error names the file, line and column."""
-    path = Path(path)
+    """Parse a JSON file (``.gz``: compressed); a syntax error names the file, line and column."""
+    text = read_text(path)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError("file not found", source=str(path)) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read: {exc.__class__.__name__}", source=str(path)) from None
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"malformed JSON: {exc.msg}", source=str(path), field=f"line {exc.lineno}, column {exc.colno}") from None
 

@@ -21,8 +21,6 @@ files (``tensorboard_trace_handler``) are read too.
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,21 +91,6 @@ class Span:
     args: dict = field(default_factory=dict)
 
 
-def _read(path: Path) -> Any:
-    if path.suffix != ".gz":
-        return load_json(path)
-    try:
-        text = gzip.decompress(path.read_bytes()).decode()
-    except FileNotFoundError:
-        raise InputError("file not found", source=str(path)) from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot decompress: {exc.__class__.__name__} (truncated or not gzip)", source=str(path)) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"malformed JSON: {exc.msg}", source=str(path), field=f"line {exc.lineno}, column {exc.colno}") from None
-
-
 def load_trace(path: str | Path) -> KinetoTrace:
     """Read a Chrome trace written by torch.profiler (``.json`` or ``.json.gz``).
 
@@ -115,7 +98,7 @@ def load_trace(path: str | Path) -> KinetoTrace:
     metadata, instant and flow events. Raises InputError for a file that is not a trace or
     has an event without a numeric ``ts`` / ``dur``."""
     path = Path(path)
-    data = _read(path)
+    data = load_json(path)
     if isinstance(data, list):  # the Trace Event Format also allows a bare event array
         data = {"traceEvents": data}
     if not isinstance(data, dict) or not isinstance(data.get("traceEvents"), list):
