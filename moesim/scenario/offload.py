@@ -18,6 +18,7 @@ from moesim.errors import InputError, MoesimError, UnknownNameError
 from moesim.hardware import catalog
 from moesim.hardware.topology import accelerators, topology
 from moesim.models import kv_bytes
+from moesim.routing.trace import tokens_per_expert
 from moesim.scenario.schema import Scenario
 from moesim.sim.cache import RESIDENCY
 from moesim.sim.dispatch import Dispatch
@@ -51,14 +52,6 @@ POLICY_PRESETS = {
                                                    "accuracy": 0.8, "on_miss": "hybrid"},
     "whole layers (naive)": {"residency": "static", "scope": "layers", "prefetch": "none", "on_miss": "whole_layer"},
 }
-
-def _popularity(ids: np.ndarray, experts: int) -> np.ndarray:
-    """``[layers, experts]`` uses of each expert in the trace (offline profiling)."""
-    layers = ids.shape[1]
-    layer = np.broadcast_to(np.arange(layers)[None, :, None], ids.shape)
-    ok = ids >= 0
-    return np.bincount(layer[ok] * experts + ids[ok], minlength=layers * experts).reshape(layers, experts).astype(np.float64)
-
 
 def _pinned(off, layers: int, experts: int, source: str) -> np.ndarray:
     """``offload.pinned`` as a ``[layers, experts]`` mask, checked against the model."""
@@ -138,7 +131,7 @@ def build_offloaded(scn: Scenario, path: Path, arch, cluster, *, dtype: str, exp
         return routing_source("profile", "token", profile, seed=scn.routing.seed, prompt=reqs.prompt, output=reqs.output)
 
     trace = make_source()
-    popularity = _popularity(trace.ids, E)
+    popularity = tokens_per_expert(trace.ids, E, trace.ids.shape[0])[0].astype(np.float64)  # uses per (layer, expert)
     device = catalog.device(graph.nodes[device_name]["spec"].name)
     longest = int((reqs.prompt + reqs.output).max())
     slots, cache_memory, pinned = off.cache_experts, off.cache_memory, None
