@@ -61,7 +61,8 @@ class Trace:
         if self.counts is not None:
             return np.asarray(self.counts)
         ids = self.topk_ids
-        return tokens_per_expert(np.asarray(ids), self.num_experts, batch or ids.shape[0])
+        # an empty trace is no steps (not a division by zero)
+        return tokens_per_expert(np.asarray(ids), self.num_experts, batch or max(ids.shape[0], 1))
 
 
 def tokens_per_expert(ids: np.ndarray, num_experts: int, batch: int) -> np.ndarray:
