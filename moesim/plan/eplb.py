@@ -93,10 +93,11 @@ def _hierarchical(weight: np.ndarray, slots: int, groups: int, nodes: int, gpus:
     pphy2mlog = np.take_along_axis(phy2mlog, _inverse(phy2pphy), axis=1)
     pphy2mlog = (pphy2mlog.reshape(layers, nodes, -1) + (np.arange(nodes) * (experts // nodes))[None, :, None]).reshape(layers, -1)
     phy2log = np.take_along_axis(mlog2log, pphy2mlog, axis=1)
-    return phy2log, _counts(phy2log, experts)
+    return phy2log, replica_counts(phy2log, experts)
 
 
-def _counts(phy2log: np.ndarray, experts: int) -> np.ndarray:
+def replica_counts(phy2log: np.ndarray, experts: int) -> np.ndarray:
+    """Replicas of each expert ``[layers, experts]`` in a placement ``phy2log`` ``[layers, slots]``."""
     return np.stack([np.bincount(row, minlength=experts) for row in phy2log])
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from moesim.errors import InputError
 from moesim.files import atomic_write
-from moesim.plan.eplb import _counts, log2phy_map
+from moesim.plan.eplb import log2phy_map, replica_counts
 from moesim.plan.recommend import Recommendation
 
 FORMATS = ("sglang", "vllm-ascend", "npz", "flags")
@@ -80,7 +80,7 @@ def eplb_arrays(rec: Recommendation) -> dict[str, np.ndarray]:
     """EPLB's ``phy2log``, ``log2phy`` (-1 padded) and ``logcnt``, and the slots' ``weight``."""
     phy2log, d = _placement(rec, "npz")
     experts = int(d["experts"])
-    logcnt = _counts(phy2log, experts)
+    logcnt = replica_counts(phy2log, experts)
     log2phy = log2phy_map(phy2log, logcnt)
     weight = np.asarray(d.get("weight", 1.0 / np.take_along_axis(logcnt, phy2log, axis=1)), dtype=np.float64)
     return {"phy2log": phy2log, "log2phy": log2phy, "logcnt": logcnt, "weight": weight}

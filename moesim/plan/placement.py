@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.plan.eplb import _counts as replica_counts, rebalance_experts
+from moesim.plan.eplb import rebalance_experts, replica_counts
 
 
 @dataclass
