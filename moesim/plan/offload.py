@@ -39,7 +39,8 @@ import numpy as np
 import pulp
 
 from moesim.errors import InputError
-from moesim.plan.solver import quiet_banner
+from moesim.plan.solver import pulp_solver
+from moesim.routing.trace import tokens_per_expert
 
 GIB = 2**30
 OBJECTIVES = ("latency", "throughput")
@@ -174,23 +175,13 @@ def on_ssd(problem: OffloadProblem, layers: int) -> np.ndarray:
     if spilled and problem.ssd_read <= 0:
         raise InputError(f"{spilled} experts do not fit in host DRAM and the node has no SSD: constraint 'DRAM capacity'",
                          source=problem.source or None, field="cluster")
-    ids = problem.trace
-    ok = ids >= 0
-    layer = np.broadcast_to(np.arange(layers)[None, :, None], ids.shape)
-    popularity = np.bincount(layer[ok] * problem.experts + ids[ok], minlength=total).astype(np.float64)
+    popularity = tokens_per_expert(problem.trace, problem.experts, problem.trace.shape[0])[0].ravel().astype(np.float64)
     out = np.ones(total, dtype=bool)
     out[np.argsort(-popularity, kind="stable")[:in_dram]] = False
     return out.reshape(layers, problem.experts)
 
 
 # -- one candidate -----------------------------------------------------------------------------
-
-
-def _solver(time_limit: float):
-    if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
-        quiet_banner()
-        return pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1, gapRel=GAP)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(int(time_limit), 1), threads=1, gapRel=GAP)
 
 
 def _coefficients(problem: OffloadProblem, stats: dict, ssd: np.ndarray) -> dict[str, np.ndarray]:
@@ -291,7 +282,7 @@ def solve_candidate(problem: OffloadProblem, batch: int, prefetcher: Prefetcher,
     lp += pulp.lpSum(nbytes * x[k] for k in x) <= budget, "hbm_capacity"
 
     start = time.perf_counter()
-    lp.solve(_solver(time_limit))
+    lp.solve(pulp_solver(time_limit, gap=GAP))
     seconds = time.perf_counter() - start
     status = pulp.LpStatus[lp.status]
     if T.value() is None:

@@ -24,7 +24,7 @@ import numpy as np
 import pulp
 
 from moesim.errors import InputError
-from moesim.plan.solver import quiet_banner
+from moesim.plan.solver import pulp_solver
 
 
 @dataclass
@@ -114,14 +114,6 @@ def evaluate_split(problem: StageProblem, stages: list[tuple[int, int]], status:
     return StagePartition(stages, times, memories, status)
 
 
-def _solver(time_limit: float):
-    quiet_banner()
-    highs = pulp.HiGHS(msg=False, threads=1, timeLimit=time_limit, random_seed=0)
-    if highs.available():
-        return highs
-    return pulp.PULP_CBC_CMD(msg=False, threads=1, timeLimit=time_limit)
-
-
 def solve_stages(problem: StageProblem, *, time_limit: float = 10.0) -> StagePartition | None:
     """The partition minimising the slowest stage with every stage's memory within budget, or
     ``None`` when no contiguous partition fits memory (the solver proves it infeasible)."""
@@ -159,7 +151,7 @@ def solve_stages(problem: StageProblem, *, time_limit: float = 10.0) -> StagePar
         lp += pulp.lpSum(float(t[l] / t_unit) * x[l] for l in range(L)) + fixed_time / t_unit <= T, f"time_{s}"
         lp += (pulp.lpSum(float(m[l] / m_unit) * x[l] for l in range(L))
                <= (problem.memory_budget - fixed_memory) / m_unit), f"memory_{s}"
-    solver = _solver(time_limit)
+    solver = pulp_solver(time_limit, seed=0)
     lp.solve(solver)
     status = pulp.LpStatus[lp.status]
     if status == "Infeasible":
