@@ -51,6 +51,36 @@ def test_one_tile_deep_reduction_is_set_by_the_k_step(h100):
     assert gemm_time(h100, 1, 128, 65536).info["split_k"] > 1
 
 
+def test_split_reduction_runs_a_reduce_kernel_of_its_own(h100):
+    """cuBLAS reduces split-K partial sums in a second kernel: a split GEMM is the GEMM plus a
+    `splitk_reduce` kernel that reads the fp32 partials and writes the bf16 output, so a
+    one-tile GEMM with a deep k costs at least two launches."""
+    cost = gemm_time(h100, 1, 128, 65536)
+    split = cost.info["split_k"]
+    assert split > 1
+    reduce = cost.parts[-1]
+    assert reduce.name == "splitk_reduce" and reduce.bytes == 128 * (4 * split + 2)
+    assert cost.time == pytest.approx(sum(p.time for p in cost.parts), rel=1e-12)
+    assert cost.time > 2 * h100.launch_overhead
+    # unsplit GEMMs are one kernel, as before
+    assert gemm_time(h100, 8192, 8192, 8192).info["split_k"] == 1
+    assert not gemm_time(h100, 8192, 8192, 8192).parts
+
+
+def test_unaligned_rows_of_block_fp8_cost_one_more_pass(h100):
+    """Block-scaled fp8 takes m in multiples of `row_align` (4 on H100) as it is; other m copy
+    the activations into a padded buffer first: one more memory pass over the m x k inputs."""
+    assert h100.efficiency.row_align == {"fp8_block": 4}
+    n, k = 4096, 4096
+    aligned, unaligned = gemm_time(h100, 16, n, k, "fp8_block"), gemm_time(h100, 17, n, k, "fp8_block")
+    assert [p.name for p in aligned.parts] == ["quantize", "gemm"]
+    assert [p.name for p in unaligned.parts] == ["quantize", "pad", "gemm"]
+    assert unaligned.parts[1].bytes == 17 * k * 2 * 2
+    assert unaligned.time - aligned.time > h100.launch_overhead
+    # per-tensor fp8 lists no alignment: m = 17 is one quantisation and one GEMM
+    assert [p.name for p in gemm_time(h100, 17, n, k, "fp8").parts] == ["quantize", "gemm"]
+
+
 def test_prefill_tiles_pack_the_query_heads_of_a_kv_head_for_short_prompts(h100):
     eff = h100.efficiency
     assert eff.prefill_tile == 128

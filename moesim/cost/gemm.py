@@ -51,12 +51,14 @@ def wave_efficiency(work_items: int, units: int) -> float:
 
 
 def plan(device, m: int, n: int, k: int, flops: float, bytes_moved: float, rate: float,
-         variant: str = "bf16", dtype: str = "bf16") -> tuple[int, int, int, float]:
+         variant: str = "bf16", dtype: str = "bf16", out_bytes: float = 2.0) -> tuple[int, int, int, float]:
     """``(tile_m, tile_n, split, shape efficiency)`` of the fastest ``gemm_tiles`` tile and
     split-K depth for a GEMM of ``flops`` FLOP and ``bytes_moved`` bytes, ``rate`` FLOP/s being
-    its large-GEMM rate: each candidate is timed by the device's roofline, its split-K partial
-    sums (fp32, written and read back) added to its bytes. A tile takes at least
-    ``k_step`` per 128-deep step of its share of the reduction, wave after wave."""
+    its large-GEMM rate: each candidate is timed by the device's roofline. A split reduction
+    writes fp32 partial sums, which a second kernel reads and reduces into the ``out_bytes``
+    output (cuBLAS's split-K reduce kernel: one more launch, which is why one-tile GEMMs with a
+    deep k flatten at about two launches rather than one). A tile takes at least ``k_step`` per
+    128-deep step of its share of the reduction, wave after wave."""
     eff = device.efficiency
     step = eff.k_step.get(variant, eff.k_step.get(dtype, 0.0))
     splits = variant not in eff.no_split_k and dtype not in eff.no_split_k
@@ -82,10 +84,12 @@ def plan(device, m: int, n: int, k: int, flops: float, bytes_moved: float, rate:
             chain = waves * math.ceil(depth / 128) * step
             if chain * rate * shape_eff > flops:
                 shape_eff = flops / (rate * chain)
-            extra = 2 * m * n * 4 * split if split > 1 else 0
+            extra = m * n * 4 * split if split > 1 else 0  # fp32 partial sums written
             # the roofline's softened corner, in plain floats (a compiled call per candidate costs more)
             compute, memory = flops / (rate * shape_eff), (bytes_moved + extra) / bandwidth + latency
             body = (compute**p + memory**p) ** (1.0 / p)
+            if split > 1:  # the partial sums reduced by a kernel of its own
+                body += device.launch_overhead + (extra + m * n * out_bytes) / bandwidth + latency
             if best is None or body < best[0]:
                 best = (body, tm, tn, split, shape_eff)
             split *= 2
@@ -119,23 +123,35 @@ def gemm_time(
     bytes_moved = m * k * dtype_bytes(act_dtype) + k * n * dtype_bytes(dtype) + m * n * dtype_bytes(out_dtype)
     eff = device.efficiency
     compute = eff.compute_for(variant, act_dtype)
-    if eff.gemm_tiles:
-        tile_m, tile_n, split, shape_eff = plan(device, m, n, k, flops, bytes_moved,
-                                                device.peak_flops(act_dtype) * compute, variant, act_dtype)
-    else:
-        tile_m, tile_n = _tile(m, eff.tile_m, 16), _tile(n, eff.tile_n, 32)
-        split = split_k(device, m, n, k)
-        depth = k / split
-        shape_eff = wave_efficiency(tiles(device, m, n) * split, device.compute_units) * (depth / (depth + eff.k_half))
-    if split > 1:  # fp32 partial sums written and reduced
-        bytes_moved += 2 * m * n * 4 * split
-    cost = kernel(device, name, flops, bytes_moved, act_dtype, compute_efficiency=compute * shape_eff)
-    cost.info = {"m": m, "n": n, "k": k, "dtype": variant, "split_k": split, "tile": (tile_m, tile_n)}
+    kernels = []
     if dtype in ("fp8", "int8") and not weight_only:
         # Activations are quantised on the fly (per tensor, per token or per 128-block) by a
         # kernel of their own before the GEMM.
         quant = elementwise(device, "quantize", m * k, "bf16", reads=1, writes=1)
         quant.time += eff.variant_overhead.get(variant, 0.0)
         quant.launch_time += eff.variant_overhead.get(variant, 0.0)
-        return combine(name, [quant, cost], **cost.info)
-    return cost
+        kernels.append(quant)
+        align = eff.row_align.get(variant, 1)
+        if m % align:  # rows the kernel cannot take as they are: copied into a padded buffer first
+            kernels.append(elementwise(device, "pad", m * k, "bf16", reads=1, writes=1))
+    if eff.gemm_tiles:
+        tile_m, tile_n, split, shape_eff = plan(device, m, n, k, flops, bytes_moved,
+                                                device.peak_flops(act_dtype) * compute, variant, act_dtype,
+                                                dtype_bytes(out_dtype))
+    else:
+        tile_m, tile_n = _tile(m, eff.tile_m, 16), _tile(n, eff.tile_n, 32)
+        split = split_k(device, m, n, k)
+        depth = k / split
+        shape_eff = wave_efficiency(tiles(device, m, n) * split, device.compute_units) * (depth / (depth + eff.k_half))
+    if split > 1 and eff.gemm_tiles:  # fp32 partial sums written here, reduced by a kernel of their own
+        bytes_moved += m * n * 4 * split
+    elif split > 1:  # the older model: partial sums written and read back inside the GEMM's time
+        bytes_moved += 2 * m * n * 4 * split
+    cost = kernel(device, name, flops, bytes_moved, act_dtype, compute_efficiency=compute * shape_eff)
+    info = {"m": m, "n": n, "k": k, "dtype": variant, "split_k": split, "tile": (tile_m, tile_n)}
+    cost.info = info
+    kernels.append(cost)
+    if split > 1 and eff.gemm_tiles:
+        kernels.append(kernel(device, "splitk_reduce", m * n * split, m * n * (4 * split + dtype_bytes(out_dtype)),
+                              "fp32", compute_efficiency=1.0))
+    return combine(name, kernels, **info) if len(kernels) > 1 else cost

@@ -89,6 +89,9 @@ class Efficiency(Spec):
                                        "serial chain of its main loop, which a few tiles over a deep k cannot hide), s")
     no_split_k: list[str] = Field(default_factory=list, description="GEMM kernel variants or dtypes whose kernels "
                                   "never split the reduction (each tile runs all of k)")
+    row_align: dict[str, int] = Field(default_factory=dict, description="GEMM kernel variant -> the multiple of rows "
+                                      "(m) its kernel takes as they are; other m first copy the activations into a "
+                                      "padded buffer (one more pass over them)")
     # Figures moesim.cost.attention and .collectives read when present (zero or an empty table
     # keeps the plain roofline / alpha-beta model); docs/cost-model.md says what each means.
     decode_per_sequence: Seconds = Field(0.0, description="decode attention: time per work unit, one (sequence, "
