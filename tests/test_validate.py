@@ -187,10 +187,10 @@ def test_cli_prints_table_and_writes_report_and_markdown_section(folder, tmp_pat
 
 # -- real measurements -----------------------------------------------------------------------
 
-# Whether the current h100-sxm profile meets each target on the test split (see
+# Whether the current h100-sxm profile meets each target on the whole test split (see
 # docs/validation.md); a family marked False is an expected failure with the measured figure as
 # its reason, and strict, so a family that starts meeting its target must be moved here.
-MEETS = {"MoE layer": False, "GEMM": False, "attention prefill": False, "attention decode": False,
+MEETS = {"MoE layer": False, "GEMM": True, "attention prefill": False, "attention decode": False,
          "MLA prefill": False, "MLA decode": True, "NCCL": True, "DeepEP": True}
 
 
@@ -199,7 +199,8 @@ def h100_errors(shared_dir):
     folder = shared_dir / "data" / "aiconfigurator" / "h100_sxm"
     if not folder.is_dir():
         pytest.skip("../shared/data/aiconfigurator/h100_sxm not found")
-    tables = [calibrate.sample(calibrate.split(t)[1], 250) for t in read_folder(folder) if t.family.name != "moe_deepep"]
+    # the whole test split (a few seconds): a sample's p90 wanders by a few points
+    tables = [calibrate.split(t)[1] for t in read_folder(folder) if t.family.name != "moe_deepep"]
     return {s.family: s for s in summarise(predict(tables, catalog.device("h100-sxm"))) if s.regime == "all"}
 
 
