@@ -7,6 +7,7 @@ import pytest
 
 from moesim.cost.attention import decode_attention_time, mla_decode_time
 from moesim.cost.collectives import all_gather_time, all_reduce_time, all_to_all_time, bus_share, uniform_matrix
+from moesim.cost.moe import moe_layer_time
 from moesim.hardware import catalog
 from moesim.hardware.topology import accelerators, topology
 
@@ -102,3 +103,45 @@ def test_fp8_kv_mla_decode_is_slower_than_bf16_on_h100_as_measured():
     assert fp8 > 2 * bf16  # measured 4.4 ms against 0.81 ms (aiconfigurator generation_mla table)
     plain = _without(h100, "kv_dequant")
     assert mla_decode_time(plain, 64, 32767, 16, 512, 64, kv_dtype="fp8").time < bf16  # bytes alone: faster
+
+
+def _moe(device, counts, dtype, ep=1):
+    return moe_layer_time(device, counts, tokens=int(counts.sum() // 8) or 1, hidden=7168, inter=2048, top_k=8,
+                          dtype=dtype, ep=ep, router=False)
+
+
+def test_grouped_gemm_stream_follows_the_tiles_in_flight():
+    """moe_inflight_half: one expert hit by one token streams its weights slower, per byte, than
+    eight experts hit at once (few tiles cannot cover the memory latency); with the figure absent
+    only the launch and the memory latency, paid once per GEMM, tell them apart."""
+    h100 = catalog.device("h100-sxm")
+    assert h100.efficiency.moe_inflight_half_for("bf16") > 0
+    one, eight = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    one[0], eight[:8] = 1, 1
+
+    def per_expert(device):
+        a, b = (_moe(device, c, "bf16").parts for c in (one, eight))
+        up = [p for p in a if p.name == "gate_up"][0], [p for p in b if p.name == "gate_up"][0]
+        return up[0].time, up[1].time / 8
+
+    single, shared = per_expert(h100)
+    flat = h100.model_copy(update={"efficiency": h100.efficiency.model_copy(update={"moe_inflight_half": {}})})
+    flat_single, flat_shared = per_expert(flat)
+    # without the figure only the launch and latency, paid once, separate the two
+    assert flat_single - flat_shared < 1.5 * (h100.launch_overhead + h100.efficiency.memory_latency)
+    assert single / shared > 1.2 * flat_single / flat_shared
+
+
+def test_fp8_moe_quantises_its_activations_twice():
+    """vLLM's fp8 fused MoE quantises the tokens before the first grouped GEMM and the
+    activation's output before the second: two more kernels than bf16, in the align and
+    activation parts."""
+    h100 = catalog.device("h100-sxm")
+    counts = np.zeros(256, np.int64)
+    counts[:8] = 1
+    fp8 = {p.name: p for p in _moe(h100, counts, "fp8").parts}
+    bf16 = {p.name: p for p in _moe(h100, counts, "bf16").parts}
+    launch = h100.launch_overhead
+    assert fp8["align"].launch_time == pytest.approx(bf16["align"].launch_time + launch)
+    assert fp8["activation"].launch_time == pytest.approx(bf16["activation"].launch_time + launch)
+    assert fp8["align"].bytes - bf16["align"].bytes == pytest.approx(3.0 * 1 * 7168)

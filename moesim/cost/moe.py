@@ -6,10 +6,11 @@ Megatron grouped GEMM) runs on an expert-parallel rank:
 1. router GEMM ``[tokens, hidden] x [hidden, experts]`` (optional: measured tables start
    after it),
 2. top-k over the router scores,
-3. sort / align: token slots grouped by expert and padded to the GEMM's row block,
+3. sort / align: token slots grouped by expert and padded to the GEMM's row block (fp8
+   kernels: then the tokens' activations quantised to fp8),
 4. gate+up grouped GEMM over the *local* experts that received tokens: only their weights are
    read, and each expert's rows are padded to the row block,
-5. the gated activation (SiLU x up),
+5. the gated activation (SiLU x up; fp8 kernels quantise its output),
 6. down grouped GEMM,
 7. weighted sum of each token's ``top_k`` outputs (unpermute).
 
@@ -32,7 +33,7 @@ from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 
 # The device numbers the compiled MoE loop reads (one tuple per device and expert dtype).
 _MoeDevice = namedtuple("_MoeDevice", "launch p latency stream vector_rate moe_rate moe_stream tile_m tile_n k_half units "
-                                      "empty_block weight_bytes act_bytes")
+                                      "empty_block weight_bytes act_bytes inflight_half")
 
 _PARTS = ("topk", "align", "gate_up", "activation", "down", "combine")
 _FIELDS = ("time", "compute_time", "memory_time", "launch_time", "flops", "bytes")
@@ -66,7 +67,7 @@ def _moe_device_figures(device, dtype: str) -> _MoeDevice:
         float(device.peak_flops(act) * eff.moe_compute_for(variant, canon)),
         float(stream * eff.moe_memory_for(variant, canon)),
         float(eff.moe_tile_m), float(eff.tile_n), float(eff.k_half), float(device.compute_units), float(eff.moe_empty_block),
-        float(weight_bytes_per_param(variant)), float(dtype_bytes(act)))
+        float(weight_bytes_per_param(variant)), float(dtype_bytes(act)), float(eff.moe_inflight_half_for(variant, canon)))
 
 
 @numba.njit(inline="always", cache=True)
@@ -87,6 +88,13 @@ def _vector_fields(flops, bytes_moved, d):
 def _vector_kernel(flops, bytes_moved, d, out):
     """:func:`_vector_fields` written into ``out``."""
     out[0], out[1], out[2], out[3], out[4], out[5] = _vector_fields(flops, bytes_moved, d)
+
+
+@numba.njit(inline="always", cache=True)
+def _add_fields(out, fields):
+    """Add a second kernel's :data:`_FIELDS` into ``out`` (a part made of two kernels)."""
+    for j in range(6):
+        out[j] += fields[j]
 
 
 @numba.njit(inline="always", cache=True)
@@ -119,14 +127,19 @@ def _grouped_fields(active, total, block_m, row_blocks, foreign, n, k, side, in_
     """:data:`_FIELDS` of one grouped GEMM from its :func:`_row_blocks` (``active`` > 0): each
     expert multiplies its rows ``[rows, k]`` by its own ``[k, n]`` weight, rows padded to the
     row block; ``foreign`` rows routed to other ranks' experts cost an empty block per row
-    block (flops: useful work; padding only costs time)."""
+    block (flops: useful work; padding only costs time). The weights stream at
+    ``x / (x + inflight_half)`` of the grouped rate, ``x`` the output tiles times the weight
+    bytes per element: each tile keeps a few weight blocks in flight, so a grid of few tiles
+    (one expert hit by one token) cannot cover the memory latency (Little's law)."""
     n_blocks, k_eff = side
     n_tiles = row_blocks * n_blocks
     waves = max(math.ceil(n_tiles / d.units), 1.0)
     shape_eff = max(n_tiles, 1.0) / (waves * d.units) * k_eff
     flops = 2.0 * row_blocks * block_m * n * k
     bytes_moved = active * n * k * d.weight_bytes + total * (k * in_bytes + n * out_bytes)
-    compute, memory, body = roofline(flops, bytes_moved, d.moe_rate * shape_eff, d.moe_stream, d.latency, d.p)
+    inflight = n_tiles * d.weight_bytes
+    stream = d.moe_stream * inflight / (inflight + d.inflight_half)
+    compute, memory, body = roofline(flops, bytes_moved, d.moe_rate * shape_eff, stream, d.latency, d.p)
     empty = math.ceil(foreign / block_m) * n_blocks * d.empty_block
     return d.launch + body + empty, compute, memory, d.launch + empty, 2.0 * total * n * k, bytes_moved
 
@@ -162,6 +175,11 @@ def _activation_work(rows, shard, gated):
 
 
 @numba.njit(inline="always", cache=True)
+def _quant_work(elements):
+    return 2.0 * elements, 3.0 * elements  # bf16 read, fp8 written (scales are a rounding error)
+
+
+@numba.njit(inline="always", cache=True)
 def _combine_work(t, hidden, top_k):
     return top_k * t * hidden, 2.0 * t * hidden * (top_k + 1)  # unpermute: each token's top_k bf16 outputs read, weighted, summed
 
@@ -178,11 +196,17 @@ def _moe_rank(local, foreign, t, num_experts, hidden, shard, top_k, gated, d, pa
     _vector_kernel(flops, bytes_moved, d, parts[0])
     flops, bytes_moved = _align_work(t * top_k)
     _vector_kernel(flops, bytes_moved, d, parts[1])
+    if d.act_bytes == 1.0:  # fp8 kernels: the tokens' activations quantised before the first GEMM
+        flops, bytes_moved = _quant_work(t * hidden)
+        _add_fields(parts[1], _vector_fields(flops, bytes_moved, d))
     up_n = 2 * shard if gated else shard
     info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, foreign, up_n, hidden, d.act_bytes, 2.0, d, parts[2])
     if rows > 0:
         flops, bytes_moved = _activation_work(rows, shard, gated)
         _vector_kernel(flops, bytes_moved, d, parts[3])
+        if d.act_bytes == 1.0:  # and the activation's output before the second
+            flops, bytes_moved = _quant_work(rows * shard)
+            _add_fields(parts[3], _vector_fields(flops, bytes_moved, d))
     info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, foreign, hidden, shard, 2.0, 2.0, d, parts[4])
     flops, bytes_moved = _combine_work(t, hidden, top_k)
     _vector_kernel(flops, bytes_moved, d, parts[5])
@@ -244,7 +268,11 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
             flops, bytes_moved = _topk_work(t, num_experts)
             head = 0.0 + _vector_fields(flops, bytes_moved, d)[0]  # the reference sum starts from 0.0
             flops, bytes_moved = _align_work(t * top_k)
-            head += _vector_fields(flops, bytes_moved, d)[0]
+            align = _vector_fields(flops, bytes_moved, d)[0]
+            if d.act_bytes == 1.0:
+                flops, bytes_moved = _quant_work(t * hidden)
+                align += _vector_fields(flops, bytes_moved, d)[0]
+            head += align
             flops, bytes_moved = _combine_work(t, hidden, top_k)
             tail = _vector_fields(flops, bytes_moved, d)[0]
             if t < table.shape[1] and t == math.floor(t):
@@ -256,6 +284,9 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
             if np.isnan(activation):
                 flops, bytes_moved = _activation_work(rows, shard, gated)
                 activation = _vector_fields(flops, bytes_moved, d)[0]
+                if d.act_bytes == 1.0:
+                    flops, bytes_moved = _quant_work(rows * shard)
+                    activation += _vector_fields(flops, bytes_moved, d)[0]
                 if rows < table.shape[1] and rows == math.floor(rows):
                     table[1, int(rows)] = activation
             seconds += activation

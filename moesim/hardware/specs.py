@@ -63,6 +63,10 @@ class Efficiency(Spec):
     moe_memory: dict[str, Fraction] = Field(default_factory=dict)
     memory_latency: Seconds = 2e-6
     moe_empty_block: Seconds = 0.0
+    moe_inflight_half: dict[str, float] = Field(default_factory=dict, description="grouped MoE GEMMs, per kernel "
+                                                "variant or dtype ('default' for the rest): the weight stream reaches "
+                                                "x / (x + this) of its rate, x = output tiles x weight bytes per element "
+                                                "(the bytes a grid keeps in flight); absent or 0: always the full rate")
     roofline_p: float = Field(4.0, ge=1.0)
     attention_prefill: Fraction = Field(0.6, description="fraction of bf16 peak flash-attention prefill reaches")
     attention_decode: Fraction = Field(0.8, description="fraction of ``memory`` decode attention streams KV at")
@@ -137,6 +141,9 @@ class Efficiency(Spec):
 
     def moe_memory_for(self, *names: str) -> float:
         return _first(self.moe_memory, names, 1.0) if self.moe_memory else 1.0
+
+    def moe_inflight_half_for(self, *names: str) -> float:
+        return _first(self.moe_inflight_half, names, 0.0)
 
 
 def _first(table: dict[str, float], names: tuple[str, ...], fallback: float) -> float:
