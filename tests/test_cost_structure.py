@@ -145,3 +145,25 @@ def test_fp8_moe_quantises_its_activations_twice():
     assert fp8["align"].launch_time == pytest.approx(bf16["align"].launch_time + launch)
     assert fp8["activation"].launch_time == pytest.approx(bf16["activation"].launch_time + launch)
     assert fp8["align"].bytes - bf16["align"].bytes == pytest.approx(3.0 * 1 * 7168)
+
+
+def test_int4_small_batch_kernel_streams_at_its_own_rate():
+    """vLLM runs int4 weight-only MoE on its CUDA moe_wna16 GEMM while routed slots per local
+    expert stay at or below 6, on the Triton kernel above: the profile gives the two their own
+    weight streams, and the switch follows the local experts (EP) as vLLM's test does."""
+    h100 = catalog.device("h100-sxm")
+    eff = h100.efficiency
+    assert eff.moe_small_batch == {"int4_wo": 6}
+    counts = np.zeros(256, np.int64)
+    counts[0] = 1  # one slot on rank 0's first expert
+    plain = h100.model_copy(update={"efficiency": eff.model_copy(update={"moe_small_batch": {}})})
+
+    def gate_up(device, tokens, ep):
+        cost = moe_layer_time(device, counts, tokens=tokens, hidden=7168, inter=2048, top_k=8, dtype="int4_wo", ep=ep,
+                              router=False)
+        return next(p for p in cost.parts if p.name == "gate_up").time
+
+    # 1 token x 8 slots over 2 local experts (EP128): 4 slots per expert, the small-batch kernel
+    assert gate_up(h100, 1, 128) != gate_up(plain, 1, 128)
+    # 2 tokens: 8 slots per expert, the Triton kernel, as without the figure
+    assert gate_up(h100, 2, 128) == gate_up(plain, 2, 128)

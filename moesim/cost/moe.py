@@ -33,7 +33,7 @@ from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 
 # The device numbers the compiled MoE loop reads (one tuple per device and expert dtype).
 _MoeDevice = namedtuple("_MoeDevice", "launch p latency stream vector_rate moe_rate moe_stream tile_m tile_n k_half units "
-                                      "empty_block weight_bytes act_bytes inflight_half")
+                                      "empty_block weight_bytes act_bytes inflight_half small_ratio small_stream")
 
 _PARTS = ("topk", "align", "gate_up", "activation", "down", "combine")
 _FIELDS = ("time", "compute_time", "memory_time", "launch_time", "flops", "bytes")
@@ -67,7 +67,8 @@ def _moe_device_figures(device, dtype: str) -> _MoeDevice:
         float(device.peak_flops(act) * eff.moe_compute_for(variant, canon)),
         float(stream * eff.moe_memory_for(variant, canon)),
         float(eff.moe_tile_m), float(eff.tile_n), float(eff.k_half), float(device.compute_units), float(eff.moe_empty_block),
-        float(weight_bytes_per_param(variant)), float(dtype_bytes(act)), float(eff.moe_inflight_half_for(variant, canon)))
+        float(weight_bytes_per_param(variant)), float(dtype_bytes(act)), float(eff.moe_inflight_half_for(variant, canon)),
+        float(eff.moe_small_batch.get(variant, 0.0)), float(stream * eff.moe_small_memory.get(variant, 1.0)))
 
 
 @numba.njit(inline="always", cache=True)
@@ -123,14 +124,16 @@ def _weight_side(n, k, d):
 
 
 @numba.njit(inline="always", cache=True)
-def _grouped_fields(active, total, block_m, row_blocks, foreign, n, k, side, in_bytes, out_bytes, d):
+def _grouped_fields(active, total, block_m, row_blocks, foreign, n, k, side, in_bytes, out_bytes, base, d):
     """:data:`_FIELDS` of one grouped GEMM from its :func:`_row_blocks` (``active`` > 0): each
     expert multiplies its rows ``[rows, k]`` by its own ``[k, n]`` weight, rows padded to the
-    row block; ``foreign`` rows routed to other ranks' experts cost an empty block per row
-    block (flops: useful work; padding only costs time). The weights stream at
-    ``x / (x + inflight_half)`` of the grouped rate, ``x`` the output tiles times the weight
-    bytes per element: each tile keeps a few weight blocks in flight, so a grid of few tiles
-    (one expert hit by one token) cannot cover the memory latency (Little's law)."""
+    row block; ``foreign`` rows routed to other ranks' experts cost an empty block per
+    ``tile_m`` rows, the kernel's largest row block (the measured EP rows show no step where the
+    local experts' row block shrinks; flops: useful work; padding only costs time). The weights stream at
+    ``x / (x + inflight_half)`` of the kernel's rate ``base`` (:func:`_base_stream`), ``x`` the
+    output tiles times the weight bytes per element: each tile keeps a few weight blocks in
+    flight, so a grid of few tiles (one expert hit by one token) cannot cover the memory
+    latency (Little's law)."""
     n_blocks, k_eff = side
     n_tiles = row_blocks * n_blocks
     waves = max(math.ceil(n_tiles / d.units), 1.0)
@@ -138,14 +141,24 @@ def _grouped_fields(active, total, block_m, row_blocks, foreign, n, k, side, in_
     flops = 2.0 * row_blocks * block_m * n * k
     bytes_moved = active * n * k * d.weight_bytes + total * (k * in_bytes + n * out_bytes)
     inflight = n_tiles * d.weight_bytes
-    stream = d.moe_stream * inflight / (inflight + d.inflight_half)
+    stream = base * inflight / (inflight + d.inflight_half)
     compute, memory, body = roofline(flops, bytes_moved, d.moe_rate * shape_eff, stream, d.latency, d.p)
-    empty = math.ceil(foreign / block_m) * n_blocks * d.empty_block
+    empty = math.ceil(foreign / d.tile_m) * n_blocks * d.empty_block
     return d.launch + body + empty, compute, memory, d.launch + empty, 2.0 * total * n * k, bytes_moved
 
 
 @numba.njit(inline="always", cache=True)
-def _grouped_core(rows, foreign, n, k, in_bytes, out_bytes, d, out):
+def _base_stream(slots, experts, d):
+    """The grouped GEMMs' weight stream (B/s) for ``slots`` routed slots over ``experts`` local
+    experts: a variant with a small-batch kernel (vLLM's CUDA ``moe_wna16`` GEMM for int4
+    weight-only, taken while slots / local experts <= 6) streams at its own rate there."""
+    if d.small_ratio > 0.0 and slots <= d.small_ratio * experts:
+        return d.small_stream
+    return d.moe_stream
+
+
+@numba.njit(inline="always", cache=True)
+def _grouped_core(rows, foreign, n, k, in_bytes, out_bytes, base, d, out):
     """One grouped GEMM (:func:`_grouped_fields`) over ``rows[e]`` token rows per local expert;
     experts with no rows cost nothing (their weights are not read). Writes :data:`_FIELDS` into
     ``out``; returns (experts with rows, rows, row block)."""
@@ -154,7 +167,7 @@ def _grouped_core(rows, foreign, n, k, in_bytes, out_bytes, d, out):
     if active == 0:
         return 0.0, 0.0, 0.0
     out[0], out[1], out[2], out[3], out[4], out[5] = _grouped_fields(active, total, block_m, row_blocks, foreign, n, k,
-                                                                     _weight_side(n, k, d), in_bytes, out_bytes, d)
+                                                                     _weight_side(n, k, d), in_bytes, out_bytes, base, d)
     return active, total, block_m
 
 
@@ -200,14 +213,15 @@ def _moe_rank(local, foreign, t, num_experts, hidden, shard, top_k, gated, d, pa
         flops, bytes_moved = _quant_work(t * hidden)
         _add_fields(parts[1], _vector_fields(flops, bytes_moved, d))
     up_n = 2 * shard if gated else shard
-    info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, foreign, up_n, hidden, d.act_bytes, 2.0, d, parts[2])
+    base = _base_stream(t * top_k, local.size, d)
+    info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, foreign, up_n, hidden, d.act_bytes, 2.0, base, d, parts[2])
     if rows > 0:
         flops, bytes_moved = _activation_work(rows, shard, gated)
         _vector_kernel(flops, bytes_moved, d, parts[3])
         if d.act_bytes == 1.0:  # and the activation's output before the second
             flops, bytes_moved = _quant_work(rows * shard)
             _add_fields(parts[3], _vector_fields(flops, bytes_moved, d))
-    info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, foreign, hidden, shard, 2.0, 2.0, d, parts[4])
+    info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, foreign, hidden, shard, 2.0, 2.0, base, d, parts[4])
     flops, bytes_moved = _combine_work(t, hidden, top_k)
     _vector_kernel(flops, bytes_moved, d, parts[5])
 
@@ -254,6 +268,7 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
     Empty ``tokens``: each rank's tokens are its rows (at least 1). Returns the times and the
     largest token count met (the caller grows the table to it)."""
     ranks = local.shape[0]
+    experts = float(local.shape[1])
     times = np.empty(ranks)
     up_n = 2 * shard if gated else shard
     up_side, down_side = _weight_side(up_n, hidden, d), _weight_side(hidden, shard, d)
@@ -279,7 +294,9 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
                 table[0, int(t)], table[2, int(t)] = head, tail
         seconds = head
         if active > 0:
-            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, up_n, hidden, up_side, d.act_bytes, 2.0, d)[0]
+            base = _base_stream(t * top_k, experts, d)
+            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, up_n, hidden, up_side, d.act_bytes, 2.0, base,
+                                       d)[0]
             activation = _known(table, 1, rows)
             if np.isnan(activation):
                 flops, bytes_moved = _activation_work(rows, shard, gated)
@@ -290,7 +307,7 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
                 if rows < table.shape[1] and rows == math.floor(rows):
                     table[1, int(rows)] = activation
             seconds += activation
-            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, d)[0]
+            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, base, d)[0]
         times[i] = seconds + tail
     return times, largest
 

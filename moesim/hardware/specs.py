@@ -63,6 +63,11 @@ class Efficiency(Spec):
     moe_memory: dict[str, Fraction] = Field(default_factory=dict)
     memory_latency: Seconds = 2e-6
     moe_empty_block: Seconds = 0.0
+    moe_small_batch: dict[str, float] = Field(default_factory=dict, description="grouped MoE kernel variant -> the "
+                                              "routed slots per local expert at or below which it runs a small-batch "
+                                              "kernel (vLLM's CUDA moe_wna16 GEMM for int4 weight-only: 6)")
+    moe_small_memory: dict[str, Fraction] = Field(default_factory=dict, description="that small-batch kernel's weight "
+                                                  "stream, as a fraction of ``memory``")
     moe_inflight_half: dict[str, float] = Field(default_factory=dict, description="grouped MoE GEMMs, per kernel "
                                                 "variant or dtype ('default' for the rest): the weight stream reaches "
                                                 "x / (x + this) of its rate, x = output tiles x weight bytes per element "
