@@ -10,6 +10,7 @@ from moesim.cost.collectives import all_gather_time, all_reduce_time, all_to_all
 from moesim.cost.moe import moe_layer_time
 from moesim.hardware import catalog
 from moesim.hardware.topology import accelerators, topology
+from moesim.routing.counts import balanced_counts
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,21 @@ def test_int4_small_batch_kernel_streams_at_its_own_rate():
     assert gate_up(h100, 1, 128) != gate_up(plain, 1, 128)
     # 2 tokens: 8 slots per expert, the Triton kernel, as without the figure
     assert gate_up(h100, 2, 128) == gate_up(plain, 2, 128)
+
+
+def test_unaligned_expert_shard_computes_slower():
+    """An expert-TP shard that is not a multiple of 16 columns (an intermediate size of 1856
+    over TP16 = 116, a measured shape) runs the grouped GEMMs `moe_unaligned` times slower in
+    compute than a 16-aligned one."""
+    h100 = catalog.device("h100-sxm")
+    counts = balanced_counts(16384, 128, 6)
+
+    def layer(inter):
+        return moe_layer_time(h100, counts, tokens=16384, hidden=2688, inter=inter, top_k=6, dtype="fp8",
+                              expert_tp=16, router=False).time
+
+    aligned, unaligned = layer(2048), layer(1856)  # shards of 128 and 116 columns
+    assert unaligned > 2.0 * aligned
+    plain = h100.model_copy(update={"efficiency": h100.efficiency.model_copy(update={"moe_unaligned": {}})})
+    assert moe_layer_time(plain, counts, tokens=16384, hidden=2688, inter=1856, top_k=6, dtype="fp8", expert_tp=16,
+                          router=False).time < aligned

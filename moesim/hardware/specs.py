@@ -68,6 +68,9 @@ class Efficiency(Spec):
                                               "kernel (vLLM's CUDA moe_wna16 GEMM for int4 weight-only: 6)")
     moe_small_memory: dict[str, Fraction] = Field(default_factory=dict, description="that small-batch kernel's weight "
                                                   "stream, as a fraction of ``memory``")
+    moe_unaligned: dict[str, float] = Field(default_factory=dict, description="grouped MoE GEMMs, per kernel variant "
+                                            "or dtype: how many times slower a weight whose rows or columns are not a "
+                                            "multiple of 16 elements runs (absent: 1)")
     moe_inflight_half: dict[str, float] = Field(default_factory=dict, description="grouped MoE GEMMs, per kernel "
                                                 "variant or dtype ('default' for the rest): the weight stream reaches "
                                                 "x / (x + this) of its rate, x = output tiles x weight bytes per element "
@@ -149,6 +152,9 @@ class Efficiency(Spec):
 
     def moe_inflight_half_for(self, *names: str) -> float:
         return _first(self.moe_inflight_half, names, 0.0)
+
+    def moe_unaligned_for(self, *names: str) -> float:
+        return _first(self.moe_unaligned, names, 1.0)
 
 
 def _first(table: dict[str, float], names: tuple[str, ...], fallback: float) -> float:

@@ -121,6 +121,8 @@ def parameters(device, tables: list[Table]) -> list[Parameter]:
         out.append(Parameter(("efficiency", "moe_empty_block"), frozenset({"moe"}), 0.0, 200e-9))
     out += [Parameter(("efficiency", "moe_inflight_half", k), frozenset({"moe"}), 0.0, 4096.0)
             for k in _keys(tables, "moe", "moe_dtype", eff.moe_inflight_half)]
+    out += [Parameter(("efficiency", "moe_unaligned", k), frozenset({"moe"}), 1.0, 50.0)
+            for k in _keys(tables, "moe", "moe_dtype", eff.moe_unaligned)]
     out += [Parameter(("efficiency", "moe_small_memory", k), frozenset({"moe"}), 0.02, 1.0)
             for k in sorted(eff.moe_small_memory) if k in _dtypes(tables, "moe", "moe_dtype")]
     if eff.gemm_tiles:
