@@ -33,7 +33,7 @@ from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 
 # The device numbers the compiled MoE loop reads (one tuple per device and expert dtype).
 _MoeDevice = namedtuple("_MoeDevice", "launch p latency stream vector_rate moe_rate moe_stream tile_m tile_n k_half units "
-                                      "empty_block weight_bytes act_bytes inflight_half small_ratio small_stream unaligned")
+                                      "empty_block weight_bytes act_bytes inflight_half small_ratio small_stream unaligned tile_k")
 
 _PARTS = ("topk", "align", "gate_up", "activation", "down", "combine")
 _FIELDS = ("time", "compute_time", "memory_time", "launch_time", "flops", "bytes")
@@ -69,7 +69,7 @@ def _moe_device_figures(device, dtype: str) -> _MoeDevice:
         float(eff.moe_tile_m), float(eff.tile_n), float(eff.k_half), float(device.compute_units), float(eff.moe_empty_block),
         float(weight_bytes_per_param(variant)), float(dtype_bytes(act)), float(eff.moe_inflight_half_for(variant, canon)),
         float(eff.moe_small_batch.get(variant, 0.0)), float(stream * eff.moe_small_memory.get(variant, 1.0)),
-        float(eff.moe_unaligned_for(variant, canon)))
+        float(eff.moe_unaligned_for(variant, canon)), float(eff.moe_tile_k))
 
 
 @numba.njit(inline="always", cache=True)
@@ -125,6 +125,8 @@ def _weight_side(n, k, d):
     expert-TP shards of 58, 84, 116, 168 and 232 columns: whole layers 2-3x slower in bf16 and
     4-10x in fp8 than the model without it)."""
     k_eff = k / (k + d.k_half)
+    if d.tile_k > 0.0:  # the reduction runs in whole K blocks: a short k pays for the block
+        k_eff *= k / (math.ceil(k / d.tile_k) * d.tile_k)
     if n % 16.0 != 0.0 or k % 16.0 != 0.0:
         k_eff /= d.unaligned
     return math.ceil(n / _tile_edge(n, d.tile_n, 32.0)), k_eff

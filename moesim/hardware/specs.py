@@ -90,6 +90,8 @@ class Efficiency(Spec):
     tile_n: int = Field(128, gt=0)
     k_half: float = Field(128.0, ge=0)
     moe_tile_m: int = Field(64, gt=0)
+    moe_tile_k: int = Field(0, ge=0, description="grouped MoE GEMMs: the reduction block; k is computed in whole blocks "
+                            "(an expert-TP shard shorter than a block pays for the block); 0: no padding")
     gemm_tiles: list[tuple[int, int]] = Field(default_factory=list, description="output tiles (m, n) a dense GEMM "
                                               "library picks among, with split-K, for the fastest; empty: one "
                                               "power-of-two tile clamped at tile_m x tile_n (the older model)")
