@@ -88,10 +88,12 @@ def test_decode_work_unit_cost_grows_with_sequences_and_kv_heads():
     per_unit = h100.efficiency.decode_per_sequence
     assert per_unit > 0
     plain = _without(h100, "decode_per_sequence")
-    for batch, kv_heads in ((64, 1), (2048, 8)):
+    # the units' work overlaps the KV stream as compute does (softened roofline): at batch 2048 it is
+    # the step and adds its whole cost, at batch 64 less than that but still some
+    for batch, kv_heads, share in ((64, 1, 0.3), (2048, 8, 0.98)):
         with_units = decode_attention_time(h100, batch, 1, 32, kv_heads, 128).time
         without = decode_attention_time(plain, batch, 1, 32, kv_heads, 128).time
-        assert with_units - without == pytest.approx(batch * kv_heads * per_unit)
+        assert share * batch * kv_heads * per_unit <= with_units - without <= batch * kv_heads * per_unit * 1.001
     batch = np.array([1, 256, 2048])
     times = decode_attention_time(h100, batch, np.array([1, 1, 1]), 32, 8, 128).time
     assert np.all(np.diff(times) > 0)

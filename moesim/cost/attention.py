@@ -20,6 +20,7 @@ from moesim.cost.roofline import OpCost, kernel
 from moesim.dtypes import dtype_bytes
 
 _MLA_HEAD_TILE = 64
+_KEY_BLOCK = 128  # keys per block of flash-attention's decode loop (FlashAttention-3 on Hopper)
 
 
 def _keys_seen(seq: int, window: int | None, block: int = 128) -> float:
@@ -135,32 +136,71 @@ def decode_attention_time(
     flops = 4.0 * batch * num_heads * keys * head_dim
     kv_bytes = batch * keys * 2 * num_kv_heads * head_dim * dtype_bytes(kv_dtype)
     q_out = batch * num_heads * head_dim * 2 * 2.0
-    cost = _decode_kernel(device, name, flops, kv_bytes + q_out, batch * num_kv_heads, keys, head_dim=head_dim)
+    # key blocks a CTA walks: a sliding window ending past it straddles one block more than it fills
+    blocks = -(-np.asarray(kv_len) // _KEY_BLOCK)
+    if window:
+        blocks = np.minimum(blocks, -(-window // _KEY_BLOCK) + 1)
+    cost = _decode_kernel(device, name, flops, kv_bytes + q_out, batch * num_kv_heads, keys, head_dim=head_dim,
+                          blocks=blocks)
     _add_dequant(device, cost, _kv_key("", kv_dtype), batch * keys * 2 * num_kv_heads * head_dim)
     cost.info = {"batch": batch, "kv_len": kv_len, "heads": num_heads, "kv_heads": num_kv_heads, "window": window}
     return cost
 
 
 def _decode_kernel(device, name: str, flops: float, bytes_moved: float, groups: int, keys: int,
-                   compute_efficiency: float | None = None, head_dim: int = 0) -> OpCost:
+                   compute_efficiency: float | None = None, head_dim: int = 0, blocks=None) -> OpCost:
     """Decode attention streams the KV cache; with few (sequence, KV head) groups the kernel
     splits the keys (flash-decoding) but short caches still leave units idle. Each group is a
     work unit with a cost of its own (``decode_per_sequence``: its first key block, block-table
     lookups, the split-K reduction), which sets the step at large batch and short caches; it
-    grows with ``head_dim`` by ``decode_per_dim`` per element (0 for MLA's head tiles)."""
+    grows with ``head_dim`` by ``decode_per_dim`` per element (0 for MLA's head tiles).
+
+    With ``blocks`` (key blocks per group) and a profile's ``decode_block``, the grid is
+    FlashAttention-3's instead (see :func:`_fa3_splits`): each CTA walks its share of the key
+    blocks at ``decode_block`` a block, the work units and blocks spread over the compute units
+    overlap with the KV stream as compute does, and a split grid adds its combine kernel."""
     eff = device.efficiency
+    if compute_efficiency is None:
+        compute_efficiency = eff.attention_prefill if eff.decode_compute is None else eff.decode_compute
+    units = groups * (eff.decode_per_sequence + head_dim * eff.decode_per_dim)
+    if blocks is not None and eff.decode_block:
+        sms = device.compute_units
+        splits = _fa3_splits(groups, blocks, sms, eff.decode_max_splits)
+        per_cta = -(-blocks // splits) * eff.decode_block
+        work = units + groups * splits * per_cta / sms
+        arithmetic = flops / (device.peak_flops("bf16") * compute_efficiency)
+        busy = np.maximum(np.maximum(arithmetic, work), per_cta)
+        cost = kernel(device, name, flops, bytes_moved, "bf16", compute_efficiency=flops / (device.peak_flops("bf16") * busy),
+                      memory_efficiency=eff.attention_decode)
+        combine = np.where(splits > 1, device.launch_overhead, 0.0)
+        cost.time = cost.time + combine
+        cost.launch_time = cost.launch_time + combine
+        _add_overhead(device, cost)
+        return cost
     # np.maximum / np.minimum: ``groups`` and ``keys`` may be arrays (one entry per DP replica)
     splits = np.maximum(1, np.minimum(-(-keys // 256), -(-device.compute_units // np.maximum(groups, 1))))
     busy = np.minimum(1.0, groups * splits / device.compute_units)
-    if compute_efficiency is None:
-        compute_efficiency = eff.attention_prefill if eff.decode_compute is None else eff.decode_compute
     cost = kernel(device, name, flops, bytes_moved, "bf16", compute_efficiency=compute_efficiency,
                   memory_efficiency=eff.attention_decode * np.maximum(busy, 0.05))
     _add_overhead(device, cost)
-    units = groups * (eff.decode_per_sequence + head_dim * eff.decode_per_dim)
     cost.time = cost.time + units
     cost.launch_time = cost.launch_time + units
     return cost
+
+
+def _fa3_splits(groups, blocks, sms: int, cap: int):
+    """Splits of the keys FlashAttention-3's heuristic picks per (sequence, KV head) group:
+    none when the groups nearly fill the compute units (80%), else the fewest splits (at most
+    ``cap`` and one per key block) whose wave efficiency is within 85% of the best. vLLM caps
+    ``cap`` for its CUDA graphs (16)."""
+    groups = np.asarray(groups, dtype=np.float64)[..., None]
+    limit = np.minimum(np.asarray(blocks)[..., None], cap)
+    candidates = np.arange(1, cap + 1)
+    waves = groups * candidates / sms
+    efficiency = np.where(candidates <= limit, waves / np.ceil(waves), 0.0)
+    good = efficiency >= 0.85 * efficiency.max(axis=-1, keepdims=True)
+    splits = np.argmax(good, axis=-1) + 1
+    return np.where(groups[..., 0] >= 0.8 * sms, 1, splits)
 
 
 def _kv_key(kernel: str, kv_dtype: str) -> str:

@@ -114,6 +114,11 @@ class Efficiency(Spec):
     decode_per_dim: Seconds = Field(0.0, description="decode attention (not MLA): time per work unit per element of "
                                     "the head dim, on top of decode_per_sequence (a head dim of 128 loads and "
                                     "reduces twice the bytes per key block of 64), s")
+    decode_block: Seconds = Field(0.0, description="decode attention (not MLA): time one CTA takes per key block of "
+                                  "128 (FlashAttention-3's decode loop), which sets the step when few CTAs split a long "
+                                  "cache; 0: the older model, the stream shared by the busy units, s")
+    decode_max_splits: int = Field(16, gt=0, description="decode attention with decode_block: most splits of one "
+                                   "(sequence, KV head)'s keys (vLLM caps FlashAttention's at 16 for its CUDA graphs)")
     kv_dequant: dict[str, float] = Field(default_factory=dict, description="attention over a quantised KV cache, "
                                          "by kernel and KV dtype ('fp8', 'mla_fp8'): seconds per cached element "
                                          "dequantised; '<key>_call': seconds per call")
