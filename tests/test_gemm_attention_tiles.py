@@ -85,14 +85,27 @@ def test_unaligned_rows_of_block_fp8_cost_one_more_pass(h100):
 def test_prefill_tiles_pack_the_query_heads_of_a_kv_head_for_short_prompts(h100):
     eff = h100.efficiency
     assert eff.prefill_tile == 128
-    # one-token prompts: a CTA per (sequence, KV head), so 32 or 64 query heads over 8 KV heads cost alike
-    a = prefill_attention_time(h100, 256, 1, 32, 8, 128)
-    b = prefill_attention_time(h100, 256, 1, 64, 8, 128)
-    assert b.time == pytest.approx(a.time, rel=0.02)
+    # 16-token prompts: a CTA per (sequence, KV head), so 32 or 64 query heads over 8 KV heads cost alike
+    a = prefill_attention_time(h100, 256, 16, 32, 8, 128)
+    b = prefill_attention_time(h100, 256, 16, 64, 8, 128)
+    assert b.compute_time == pytest.approx(a.compute_time)
     ctas = 256 * 8
-    compute = (ctas * (2.0 * 128 * 128 * 256 / (h100.peak_flops("bf16") * eff.attention_prefill / h100.compute_units)
-                       + eff.prefill_cta)) / h100.compute_units
+    block = (2.0 * 128 * 128 * 256 / (h100.peak_flops("bf16") * eff.attention_prefill / h100.compute_units)
+             + 128 * 128 * eff.prefill_pair)
+    compute = ctas * (block + eff.prefill_cta) / h100.compute_units
     assert a.compute_time == pytest.approx(compute, rel=1e-9)
+    # an fp8 cache adds its cost per key block of each CTA
+    fp8 = prefill_attention_time(h100, 256, 16, 32, 8, 128, kv_dtype="fp8")
+    assert fp8.compute_time - a.compute_time == pytest.approx(ctas * eff.prefill_fp8_block / h100.compute_units)
+
+
+def test_one_token_prompts_cost_a_decode_step(h100):
+    for args, window in (((256, 1, 32, 8, 128), None), ((4, 1, 64, 64, 64), 128)):
+        step = decode_attention_time(h100, *args, window=window, kv_dtype="fp8").time
+        assert prefill_attention_time(h100, *args, window=window, kv_dtype="fp8").time == pytest.approx(step)
+    # after a cached context its one query sees the context too
+    assert prefill_attention_time(h100, 8, 1, 32, 8, 128, context=4095).time == pytest.approx(
+        decode_attention_time(h100, 8, 4096, 32, 8, 128).time)
 
 
 def test_prefill_tiles_off_is_the_flop_model(h100):
@@ -108,7 +121,7 @@ def test_long_prompt_prefill_is_its_causal_blocks_at_the_fitted_share(h100):
     tiles = seq // 128
     blocks = tiles * (tiles + 1) / 2  # tile j runs j + 1 key blocks
     expected = heads * blocks * 2.0 * 128 * 128 * 256 / (h100.peak_flops("bf16") * eff.attention_prefill)
-    expected += heads * tiles * eff.prefill_cta / h100.compute_units
+    expected += heads * (blocks * 128 * 128 * eff.prefill_pair + tiles * eff.prefill_cta) / h100.compute_units
     assert prefill_attention_time(h100, 1, seq, heads, 8, 128).compute_time == pytest.approx(expected, rel=1e-9)
 
 

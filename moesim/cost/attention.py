@@ -45,6 +45,7 @@ def prefill_attention_time(
     *,
     window: int | None = None,
     dtype: str = "bf16",
+    kv_dtype: str = "bf16",
     v_head_dim: int | None = None,
     efficiency: float | None = None,
     context: int = 0,
@@ -55,19 +56,29 @@ def prefill_attention_time(
     TP). ``v_head_dim`` differs from ``head_dim`` in un-absorbed MLA. A chunk of a longer prompt
     (chunked prefill) sits after ``context`` tokens already in the cache: its queries also see
     those keys, which are read from the cache. ``tiles=False`` keeps the plain FLOP model where
-    the profile has ``prefill_tile`` (a kernel whose tiles are not FlashAttention's)."""
+    the profile has ``prefill_tile`` (a kernel whose tiles are not FlashAttention's). An fp8
+    ``kv_dtype`` costs the tiled kernel ``prefill_fp8_block`` per key block."""
     v_dim = v_head_dim or head_dim
+    eff = device.efficiency
+    if tiles and eff.prefill_tile and seq == 1 and v_dim == head_dim:
+        # vLLM classes a one-token query as a decode and FlashAttention runs it on the decode grid
+        # (one CTA per (sequence, KV head), keys split): the measured one-token prompts cost what
+        # a decode step over the same keys does, not a prefill tile
+        cost = decode_attention_time(device, batch, context + 1, num_heads, num_kv_heads, head_dim, window=window,
+                                     kv_dtype=kv_dtype, name=name)
+        cost.info = {"batch": batch, "seq": seq, "context": context, "heads": num_heads, "kv_heads": num_kv_heads,
+                     "window": window}
+        return cost
     pairs = batch * num_heads * (_keys_seen(context + seq, window) - _keys_seen(context, window))
     flops = 2.0 * pairs * (head_dim + v_dim)
     size = dtype_bytes(dtype)
     tokens = batch * seq
     keys = batch * (context + seq)
     bytes_moved = size * (tokens * num_heads * (head_dim + v_dim) + keys * num_kv_heads * (head_dim + v_dim))
-    eff = device.efficiency
     peak_share = eff.attention_prefill if efficiency is None else efficiency
     if tiles and eff.prefill_tile and flops > 0:
         busy = _tiled_prefill_time(device, batch, seq, num_heads, num_kv_heads, head_dim + v_dim, window, context,
-                                   peak_share)
+                                   peak_share, "fp8" in kv_dtype.lower())
         share = flops / (device.peak_flops("bf16") * busy)
     else:
         share = peak_share * _fill(device, batch * num_heads, seq)
@@ -83,14 +94,19 @@ def _add_overhead(device, cost: OpCost) -> None:
 
 
 def _tiled_prefill_time(device, batch: int, seq: int, heads: int, kv_heads: int, dims: int, window: int | None,
-                        context: int, peak_share: float) -> float:
+                        context: int, peak_share: float, fp8: bool = False) -> float:
     """Compute seconds of a flash-attention prefill grid: CTAs of ``prefill_tile`` query rows,
     each running whole key blocks of as many keys up to its last query (causal, from its first
     query's window start), padded rows and masked keys computed all the same; ``dims`` is the
     QK plus PV head dims. A prompt shorter than a tile packs the query heads sharing a KV head
     into one tile (FlashAttention-3's packed GQA), so a CTA is one (sequence, KV head). The
     grid runs over the compute units, each CTA adding ``prefill_cta``; it takes at least its
-    longest CTA."""
+    longest CTA's key loop (a lone CTA's fixed part overlaps the kernels around it: the short
+    prompts sit at decode's floor). A key block costs a CTA its tensor-core FLOP plus ``prefill_pair`` per
+    (query, key) score (the softmax's exponentials, which the MUFU units run at a fixed rate per
+    score whatever the head dim: a head dim of 64 is bound by them, 128 hides most of them) and,
+    ``fp8``, ``prefill_fp8_block`` (an fp8 cache's blocks are rescaled and V transposed in
+    shared memory)."""
     eff = device.efficiency
     tile = eff.prefill_tile
     group = max(1, heads // max(kv_heads, 1))
@@ -103,9 +119,10 @@ def _tiled_prefill_time(device, batch: int, seq: int, heads: int, kv_heads: int,
     blocks = -(-end // tile) - first // tile
     tile_flops = 2.0 * tile * tile * dims * blocks  # QK^T and PV over whole (tile x tile) blocks
     sm_rate = device.peak_flops("bf16") * peak_share / device.compute_units
+    tile_time = tile_flops / sm_rate + blocks * (tile * tile * eff.prefill_pair + (eff.prefill_fp8_block if fp8 else 0.0))
     ctas = batch * units * len(start)
-    average = (batch * units * float(tile_flops.sum()) / sm_rate + ctas * eff.prefill_cta) / device.compute_units
-    return max(average, float(tile_flops.max()) / sm_rate + eff.prefill_cta)
+    average = (batch * units * float(tile_time.sum()) + ctas * eff.prefill_cta) / device.compute_units
+    return max(average, float(tile_time.max()))
 
 
 def _fill(device, heads_times_batch: int, seq: int, block: int = 128) -> float:

@@ -244,7 +244,7 @@ class LayerCosting:
                                           att.qk_nope_head_dim + att.qk_rope_head_dim, v_head_dim=att.v_head_dim,
                                           efficiency=self.device.efficiency.mla_prefill, context=context, name="mla_prefill")
         return prefill_attention_time(self.device, batch, new_tokens, self.heads, self.kv_heads, att.head_dim,
-                                      window=layer.window, context=context)
+                                      window=layer.window, kv_dtype=self.kv_dtype, context=context)
 
     def decode_core(self, layer: Layer, batch, kv_len) -> OpCost:
         """Decode attention of ``batch`` sequences over ``kv_len`` cached tokens (arrays allowed:

@@ -133,6 +133,10 @@ class Efficiency(Spec):
                               "heads into one tile; 0: the plain FLOP model")
     prefill_cta: Seconds = Field(0.0, description="prefill attention with prefill_tile: fixed time of one CTA on "
                                  "its compute unit (prologue, epilogue, scheduling), s")
+    prefill_pair: Seconds = Field(0.0, description="prefill attention with prefill_tile: a CTA's time per (query, key) "
+                                  "score of its tiles beyond the tensor-core FLOP (the softmax's exponentials), s")
+    prefill_fp8_block: Seconds = Field(0.0, description="prefill attention with prefill_tile over an fp8 KV cache: a "
+                                       "CTA's extra time per key block (rescale, V transpose), s")
     nccl_launch: dict[str, Seconds] = Field(default_factory=dict, description="NCCL fixed cost per collective, "
                                             "by protocol (ll, simple), s")
     nccl_step: dict[str, Seconds] = Field(default_factory=dict, description="NCCL latency per ring step, by protocol, s")

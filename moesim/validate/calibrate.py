@@ -149,6 +149,8 @@ def _attention_parameters(eff) -> list[Parameter]:
         out.append(Parameter(("efficiency", "decode_block"), frozenset({"attention_decode"}), 0.0, 5e-6))
     if eff.prefill_tile:
         out.append(Parameter(("efficiency", "prefill_cta"), frozenset({"attention_prefill"}), 0.0, 10e-6))
+        out.append(Parameter(("efficiency", "prefill_pair"), frozenset({"attention_prefill"}), 0.0, 1e-9))
+        out.append(Parameter(("efficiency", "prefill_fp8_block"), frozenset({"attention_prefill"}), 0.0, 5e-6))
     if eff.decode_compute is not None:
         out.append(Parameter(("efficiency", "decode_compute"),
                              decode if eff.mla_decode is None else frozenset({"attention_decode"}), 0.05, 1.0))
@@ -341,7 +343,7 @@ def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progre
 _DEVICE = TypeAdapter(Device)
 _SECONDS_FIELDS = {"launch_overhead", "memory_latency", "moe_empty_block", "attention_overhead", "variant_overhead",
                    "decode_per_sequence", "mla_prefill_token", "nccl_launch", "nccl_step", "k_step", "prefill_cta", "decode_per_dim",
-                   "decode_block"}
+                   "decode_block", "prefill_pair", "prefill_fp8_block"}
 
 
 def load_device(spec: str):

@@ -172,9 +172,11 @@ def _kv_regime(kv: np.ndarray, window: np.ndarray) -> np.ndarray:
 def predict_attention_prefill(table: Table, device, graph=None, **_) -> list[Cases]:
     b, s, h, kv, d, w = (_ints(table, c) for c in ("batch_size", "isl", "num_heads", "num_key_value_heads", "head_dim",
                                                     "window_size"))
+    kv_dtype = _texts(table, "kv_cache_dtype")
     predicted = np.array([prefill_attention_time(device, int(b[i]), int(s[i]), int(h[i]), int(kv[i]), int(d[i]),
-                                                 window=_window(w[i])).time for i in range(len(table))])
-    return [Cases("attention prefill", table.name, _kv_regime(_texts(table, "kv_cache_dtype"), w), (b * s).astype(float),
+                                                 window=_window(w[i]), kv_dtype=kv_dtype[i]).time
+                          for i in range(len(table))])
+    return [Cases("attention prefill", table.name, _kv_regime(kv_dtype, w), (b * s).astype(float),
                   "tokens (batch x prompt)", table.seconds["latency"], predicted)]
 
 
