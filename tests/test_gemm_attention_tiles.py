@@ -188,3 +188,15 @@ def test_family_restricted_fit_moves_only_that_familys_figures(h100, tmp_path):
     for field in ("memory", "memory_latency", "k_half", "roofline_p"):
         assert getattr(fitted.efficiency, field) == getattr(h100.efficiency, field)
     assert fitted.launch_overhead == h100.launch_overhead
+
+
+def test_mla_prefill_pays_its_latent_once_per_token_whatever_the_heads(h100):
+    from moesim.cost.attention import mla_prefill_time
+
+    latent = h100.efficiency.mla_prefill_latent
+    assert latent > 0
+    plain = _with(h100, mla_prefill_latent=0.0)
+    for heads in (1, 128):
+        extra = mla_prefill_time(h100, 128, 512, heads, 128, 64, 128).time - mla_prefill_time(
+            plain, 128, 512, heads, 128, 64, 128).time
+        assert extra == pytest.approx(128 * 512 * latent)

@@ -124,6 +124,8 @@ class Efficiency(Spec):
                                          "dequantised; '<key>_call': seconds per call")
     mla_prefill_token: Seconds = Field(0.0, description="un-absorbed MLA prefill: time per (query token, head) "
                                        "beyond the attention FLOP (latent up-projection and layout), s")
+    mla_prefill_latent: Seconds = Field(0.0, description="un-absorbed MLA prefill: time per query token shared by "
+                                        "all its heads (the work on the compressed latent), s")
     mla_decode: Fraction | None = Field(None, description="fraction of bf16 peak absorbed MLA decode reaches "
                                         "(default: attention_prefill)")
     decode_compute: Fraction | None = Field(None, description="fraction of bf16 peak decode attention's arithmetic "

@@ -144,6 +144,7 @@ def _attention_parameters(eff) -> list[Parameter]:
     decode = frozenset({"attention_decode", "mla_decode"})
     out = [Parameter(("efficiency", "decode_per_sequence"), decode, 0.0, 200e-9),
            Parameter(("efficiency", "mla_prefill_token"), frozenset({"mla_prefill"}), 0.0, 10e-9),
+           Parameter(("efficiency", "mla_prefill_latent"), frozenset({"mla_prefill"}), 0.0, 50e-9),
            Parameter(("efficiency", "decode_per_dim"), frozenset({"attention_decode"}), 0.0, 2e-9)]
     if eff.decode_block:
         out.append(Parameter(("efficiency", "decode_block"), frozenset({"attention_decode"}), 0.0, 5e-6))
@@ -342,7 +343,7 @@ def fit(device, tables: list[Table], *, sweeps: int = 12, draws: int = 3, progre
 
 _DEVICE = TypeAdapter(Device)
 _SECONDS_FIELDS = {"launch_overhead", "memory_latency", "moe_empty_block", "attention_overhead", "variant_overhead",
-                   "decode_per_sequence", "mla_prefill_token", "nccl_launch", "nccl_step", "k_step", "prefill_cta", "decode_per_dim",
+                   "decode_per_sequence", "mla_prefill_token", "mla_prefill_latent", "nccl_launch", "nccl_step", "k_step", "prefill_cta", "decode_per_dim",
                    "decode_block", "prefill_pair", "prefill_fp8_block"}
 
 
