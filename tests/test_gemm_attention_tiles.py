@@ -85,18 +85,24 @@ def test_unaligned_rows_of_block_fp8_cost_one_more_pass(h100):
 def test_prefill_tiles_pack_the_query_heads_of_a_kv_head_for_short_prompts(h100):
     eff = h100.efficiency
     assert eff.prefill_tile == 128
-    # 16-token prompts: a CTA per (sequence, KV head), so 32 or 64 query heads over 8 KV heads cost alike
-    a = prefill_attention_time(h100, 256, 16, 32, 8, 128)
-    b = prefill_attention_time(h100, 256, 16, 64, 8, 128)
-    assert b.compute_time == pytest.approx(a.compute_time)
+    # 16-token prompts: a CTA per (sequence, KV head) whatever the query heads over 8 KV heads; it computes
+    # its packed rows (16 tokens x 4 or 8 heads) in whole 64-row warpgroup MMAs
     ctas = 256 * 8
-    block = (2.0 * 128 * 128 * 256 / (h100.peak_flops("bf16") * eff.attention_prefill / h100.compute_units)
-             + 128 * 128 * eff.prefill_pair)
-    compute = ctas * (block + eff.prefill_cta) / h100.compute_units
-    assert a.compute_time == pytest.approx(compute, rel=1e-9)
+    sm_rate = h100.peak_flops("bf16") * eff.attention_prefill / h100.compute_units
+    for heads, rows in ((32, 64), (64, 128)):
+        block = 2.0 * rows * 128 * 256 / sm_rate + rows * 128 * eff.prefill_pair
+        compute = ctas * (block + eff.prefill_cta) / h100.compute_units
+        assert prefill_attention_time(h100, 256, 16, heads, 8, 128).compute_time == pytest.approx(compute, rel=1e-9)
     # an fp8 cache adds its cost per key block of each CTA
+    bf16 = prefill_attention_time(h100, 256, 16, 32, 8, 128)
     fp8 = prefill_attention_time(h100, 256, 16, 32, 8, 128, kv_dtype="fp8")
-    assert fp8.compute_time - a.compute_time == pytest.approx(ctas * eff.prefill_fp8_block / h100.compute_units)
+    assert fp8.compute_time - bf16.compute_time == pytest.approx(ctas * eff.prefill_fp8_block / h100.compute_units)
+    # a head dim of 64 runs 192-row tiles: 256 tokens of one head are two CTAs of two key blocks each, the
+    # longer one its first 192 rows (the second computes its 64 valid rows)
+    rows = eff.prefill_rows["64"]
+    assert rows == 192
+    block = 2.0 * rows * 128 * 128 / sm_rate + rows * 128 * eff.prefill_pair
+    assert prefill_attention_time(h100, 1, 256, 1, 1, 64).compute_time == pytest.approx(2 * block)
 
 
 def test_one_token_prompts_cost_a_decode_step(h100):

@@ -95,11 +95,13 @@ def _add_overhead(device, cost: OpCost) -> None:
 
 def _tiled_prefill_time(device, batch: int, seq: int, heads: int, kv_heads: int, dims: int, window: int | None,
                         context: int, peak_share: float, fp8: bool = False) -> float:
-    """Compute seconds of a flash-attention prefill grid: CTAs of ``prefill_tile`` query rows,
-    each running whole key blocks of as many keys up to its last query (causal, from its first
-    query's window start), padded rows and masked keys computed all the same; ``dims`` is the
-    QK plus PV head dims. A prompt shorter than a tile packs the query heads sharing a KV head
-    into one tile (FlashAttention-3's packed GQA), so a CTA is one (sequence, KV head). The
+    """Compute seconds of a flash-attention prefill grid: CTAs of ``prefill_tile`` query rows
+    (``prefill_rows`` where the head dim tiles otherwise), each running whole key blocks of
+    ``prefill_tile`` keys up to its last query (causal, from its first query's window start),
+    masked keys computed all the same, and its valid rows in whole 64-row warpgroup MMAs (a tile
+    of 16 query rows costs half a 128-row one, as measured); ``dims`` is the QK plus PV head
+    dims. A prompt shorter than a tile packs the query heads sharing a KV head into one tile
+    (FlashAttention-3's packed GQA), so a CTA is one (sequence, KV head). The
     grid runs over the compute units, each CTA adding ``prefill_cta``; it takes at least its
     longest CTA's key loop (a lone CTA's fixed part overlaps the kernels around it: the short
     prompts sit at decode's floor). A key block costs a CTA its tensor-core FLOP plus ``prefill_pair`` per
@@ -108,18 +110,21 @@ def _tiled_prefill_time(device, batch: int, seq: int, heads: int, kv_heads: int,
     ``fp8``, ``prefill_fp8_block`` (an fp8 cache's blocks are rescaled and V transposed in
     shared memory)."""
     eff = device.efficiency
-    tile = eff.prefill_tile
+    tile = eff.prefill_tile  # keys per block
+    rows = eff.prefill_rows.get(str(dims // 2), tile)  # query rows per CTA at this head dim
     group = max(1, heads // max(kv_heads, 1))
-    packed = group > 1 and seq < tile
-    per_tile = tile // group if packed else tile  # query tokens one CTA covers
+    packed = group > 1 and seq < rows
+    per_tile = max(1, rows // group) if packed else rows  # query tokens one CTA covers
     units = kv_heads if packed else heads
     start = np.arange(0, seq, per_tile) + context  # each tile's first query, after the cached context
     end = np.minimum(start + per_tile, context + seq)  # one past its last query: its causal key end
     first = np.maximum(0, start - window) if window else np.zeros_like(start)
     blocks = -(-end // tile) - first // tile
-    tile_flops = 2.0 * tile * tile * dims * blocks  # QK^T and PV over whole (tile x tile) blocks
+    # rows a CTA computes: its valid query rows (times the packed heads) in whole 64-row warpgroup MMAs
+    used = np.minimum(rows, -(-(end - start) * (group if packed else 1) // 64) * 64)
+    tile_flops = 2.0 * used * tile * dims * blocks  # QK^T and PV over whole (rows x tile) blocks
     sm_rate = device.peak_flops("bf16") * peak_share / device.compute_units
-    tile_time = tile_flops / sm_rate + blocks * (tile * tile * eff.prefill_pair + (eff.prefill_fp8_block if fp8 else 0.0))
+    tile_time = tile_flops / sm_rate + blocks * (used * tile * eff.prefill_pair + (eff.prefill_fp8_block if fp8 else 0.0))
     ctas = batch * units * len(start)
     average = (batch * units * float(tile_time.sum()) + ctas * eff.prefill_cta) / device.compute_units
     return max(average, float(tile_time.max()))

@@ -133,6 +133,9 @@ class Efficiency(Spec):
     prefill_tile: int = Field(0, ge=0, description="prefill attention: query rows of one flash-attention CTA tile "
                               "(keys in blocks of as many); prompts shorter than a tile pack a KV head's query "
                               "heads into one tile; 0: the plain FLOP model")
+    prefill_rows: dict[str, int] = Field(default_factory=dict, description="prefill attention with prefill_tile: "
+                                         "query rows of one CTA by head dim ('64'), where they differ from "
+                                         "prefill_tile (FlashAttention-3 tiles a head dim of 64 192 rows deep)")
     prefill_cta: Seconds = Field(0.0, description="prefill attention with prefill_tile: fixed time of one CTA on "
                                  "its compute unit (prologue, epilogue, scheduling), s")
     prefill_pair: Seconds = Field(0.0, description="prefill attention with prefill_tile: a CTA's time per (query, key) "
