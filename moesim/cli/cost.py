@@ -174,11 +174,13 @@ def _attention(args) -> int:
     if args.phase == "decode" and args.kv_len < 1:
         raise InputError("decode needs --kv-len >= 1", field="--kv-len")
     if args.kind == "mla":
-        cost = (mla_prefill_time(device, args.batch, args.seq, args.heads, 128, 64, 128) if args.phase == "prefill"
+        cost = (mla_prefill_time(device, args.batch, args.seq, args.heads, 128, 64, 128, kv_dtype=args.kv_dtype)
+                if args.phase == "prefill"
                 else mla_decode_time(device, args.batch, args.kv_len, args.heads, 512, 64, kv_dtype=args.kv_dtype))
     else:
         kv_heads = args.kv_heads or args.heads
-        cost = (prefill_attention_time(device, args.batch, args.seq, args.heads, kv_heads, args.head_dim, window=window)
+        cost = (prefill_attention_time(device, args.batch, args.seq, args.heads, kv_heads, args.head_dim, window=window,
+                                       kv_dtype=args.kv_dtype)
                 if args.phase == "prefill" else
                 decode_attention_time(device, args.batch, args.kv_len, args.heads, kv_heads, args.head_dim, window=window, kv_dtype=args.kv_dtype))
     return _report(cost, args, f"{args.kind.upper()} {args.phase} attention on {device.name}")
