@@ -178,6 +178,10 @@ def test_decode_is_flat_within_a_key_block_and_a_lone_sequence_walks_its_split(h
     times = decode_attention_time(h100, batch, keys, 32, 8, 128).time
     scalars = [decode_attention_time(h100, int(b), int(k), 32, 8, 128).time for b, k in zip(batch, keys)]
     assert np.allclose(times, scalars)
+    # a replica with no sequences costs the call's floor, without a 0 / 0 on the way
+    with np.errstate(all="raise"):
+        empty = decode_attention_time(h100, np.array([0, 4]), np.array([0, 100]), 32, 8, 128).time
+    assert empty[0] == pytest.approx(h100.launch_overhead + eff.attention_overhead)
 
 
 def test_family_restricted_fit_moves_only_that_familys_figures(h100, tmp_path):

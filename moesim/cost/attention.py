@@ -191,7 +191,8 @@ def _decode_kernel(device, name: str, flops: float, bytes_moved: float, groups: 
         per_cta = -(-blocks // splits) * eff.decode_block
         work = units + groups * splits * per_cta / sms
         arithmetic = flops / (device.peak_flops("bf16") * compute_efficiency)
-        busy = np.maximum(np.maximum(arithmetic, work), per_cta)
+        # an empty replica (no sequences) is busy for no time: its share is 0, not 0 / 0
+        busy = np.maximum(np.maximum(np.maximum(arithmetic, work), per_cta), 1e-18)
         cost = kernel(device, name, flops, bytes_moved, "bf16", compute_efficiency=flops / (device.peak_flops("bf16") * busy),
                       memory_efficiency=eff.attention_decode)
         combine = np.where(splits > 1, device.launch_overhead, 0.0)
@@ -219,7 +220,7 @@ def _fa3_splits(groups, blocks, sms: int, cap: int):
     limit = np.minimum(np.asarray(blocks)[..., None], cap)
     candidates = np.arange(1, cap + 1)
     waves = groups * candidates / sms
-    efficiency = np.where(candidates <= limit, waves / np.ceil(waves), 0.0)
+    efficiency = np.where(candidates <= limit, waves / np.maximum(np.ceil(waves), 1.0), 0.0)  # 0 groups: 0
     good = efficiency >= 0.85 * efficiency.max(axis=-1, keepdims=True)
     splits = np.argmax(good, axis=-1) + 1
     return np.where(groups[..., 0] >= 0.8 * sms, 1, splits)
