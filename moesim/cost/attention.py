@@ -101,14 +101,15 @@ def _tiled_prefill_time(device, batch: int, seq: int, heads: int, kv_heads: int,
     masked keys computed all the same, and its valid rows in whole 64-row warpgroup MMAs (a tile
     of 16 query rows costs half a 128-row one, as measured); ``dims`` is the QK plus PV head
     dims. A prompt shorter than a tile packs the query heads sharing a KV head into one tile
-    (FlashAttention-3's packed GQA), so a CTA is one (sequence, KV head). The
-    grid runs over the compute units, each CTA adding ``prefill_cta``; it takes at least its
-    longest CTA's key loop (a lone CTA's fixed part overlaps the kernels around it: the short
-    prompts sit at decode's floor). A key block costs a CTA its tensor-core FLOP plus ``prefill_pair`` per
-    (query, key) score (the softmax's exponentials, which the MUFU units run at a fixed rate per
-    score whatever the head dim: a head dim of 64 is bound by them, 128 hides most of them) and,
-    ``fp8``, ``prefill_fp8_block`` (an fp8 cache's blocks are rescaled and V transposed in
-    shared memory)."""
+    (FlashAttention-3's packed GQA), so a CTA is one (sequence, KV head). The grid runs over
+    the compute units, each CTA adding ``prefill_cta``; it takes at least its longest CTA's key
+    loop (a lone CTA's fixed part overlaps the kernels around it: the short prompts sit at
+    decode's floor). A key block costs a CTA the longer of its tensor-core FLOP and its softmax,
+    ``prefill_pair`` per (query, key) score (the exponentials run at a fixed rate per score
+    whatever the head dim, and overlap another block's MMAs: head dim 128 is tensor-core bound,
+    64 softmax bound, measured 683 and 500 TFLOPS at long prompts), plus, ``fp8``,
+    ``prefill_fp8_block`` (an fp8 cache's blocks are rescaled and V transposed in shared
+    memory)."""
     eff = device.efficiency
     tile = eff.prefill_tile  # keys per block
     rows = eff.prefill_rows.get(str(dims // 2), tile)  # query rows per CTA at this head dim
@@ -124,7 +125,9 @@ def _tiled_prefill_time(device, batch: int, seq: int, heads: int, kv_heads: int,
     used = np.minimum(rows, -(-(end - start) * (group if packed else 1) // 64) * 64)
     tile_flops = 2.0 * used * tile * dims * blocks  # QK^T and PV over whole (rows x tile) blocks
     sm_rate = device.peak_flops("bf16") * peak_share / device.compute_units
-    tile_time = tile_flops / sm_rate + blocks * (used * tile * eff.prefill_pair + (eff.prefill_fp8_block if fp8 else 0.0))
+    # the softmax of one block overlaps the tensor cores' work on another (FlashAttention-3's ping-pong)
+    tile_time = (np.maximum(tile_flops / sm_rate, blocks * used * tile * eff.prefill_pair)
+                 + blocks * (eff.prefill_fp8_block if fp8 else 0.0))
     ctas = batch * units * len(start)
     average = (batch * units * float(tile_time.sum()) + ctas * eff.prefill_cta) / device.compute_units
     return max(average, float(tile_time.max()))
