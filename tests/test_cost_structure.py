@@ -8,6 +8,7 @@ import pytest
 from moesim.cost.attention import decode_attention_time, mla_decode_time
 from moesim.cost.collectives import all_gather_time, all_reduce_time, all_to_all_time, bus_share, uniform_matrix
 from moesim.cost.moe import moe_layer_time
+from moesim.dtypes import weight_bytes_per_param
 from moesim.hardware import catalog
 from moesim.hardware.topology import accelerators, topology
 from moesim.routing.counts import balanced_counts
@@ -188,3 +189,38 @@ def test_unaligned_expert_shard_computes_slower():
     plain = h100.model_copy(update={"efficiency": h100.efficiency.model_copy(update={"moe_unaligned": {}})})
     assert moe_layer_time(plain, counts, tokens=16384, hidden=2688, inter=1856, top_k=6, dtype="fp8", expert_tp=16,
                           router=False).time < aligned
+
+
+def test_int4_triton_kernel_reads_every_local_expert_in_fixed_row_blocks():
+    """vLLM's Triton moe_wna16 kernel (int4 weight-only, above the small-batch threshold) reads
+    every local expert's weights and keeps 64-row blocks: one expert with rows costs the bytes of
+    all four local experts (EP64 of 256), and 8 or 64 rows per expert cost the same blocks."""
+    h100 = catalog.device("h100-sxm")
+    assert "int4_wo" in h100.efficiency.moe_reads_all and h100.efficiency.moe_row_block == {"int4_wo": 64}
+
+    def gate_up(counts, tokens):
+        cost = moe_layer_time(h100, counts, tokens=tokens, hidden=7168, inter=2048, top_k=8, dtype="int4_wo", ep=64,
+                              router=False)
+        return next(p for p in cost.parts if p.name == "gate_up")
+
+    one, four = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    one[0], four[:4] = 8, 8  # 64 tokens x 8 slots: 32 slots per local expert, the Triton kernel
+    weights = 4 * 2 * 2048 * 7168 * weight_bytes_per_param("int4_wo")
+    assert gate_up(one, 64).bytes == pytest.approx(weights + 8 * (7168 * 2 + 4096 * 2))
+    assert gate_up(four, 64).bytes == pytest.approx(weights + 32 * (7168 * 2 + 4096 * 2))
+    eight, sixty_four = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    eight[:4], sixty_four[:4] = 8, 64
+    assert gate_up(eight, 64).compute_time == pytest.approx(gate_up(sixty_four, 512).compute_time)
+
+
+def test_int4_small_batch_kernel_time_grows_with_every_row():
+    """The CUDA moe_wna16 GEMM has no row blocks: its compute grows with each row (1 to 6 rows
+    per expert), where a blocked kernel pads them all to one block."""
+    h100 = catalog.device("h100-sxm")
+    times = []
+    for rows in (2, 4, 6):
+        counts = np.full(256, rows, np.int64)
+        cost = moe_layer_time(h100, counts, tokens=rows * 32, hidden=7168, inter=2048, top_k=8, dtype="int4_wo",
+                              router=False)
+        times.append(next(p for p in cost.parts if p.name == "gate_up").compute_time)
+    assert times[1] == pytest.approx(2 * times[0]) and times[2] == pytest.approx(3 * times[0])

@@ -33,7 +33,8 @@ from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 
 # The device numbers the compiled MoE loop reads (one tuple per device and expert dtype).
 _MoeDevice = namedtuple("_MoeDevice", "launch p latency stream vector_rate moe_rate moe_stream tile_m tile_n k_half units "
-                                      "empty_block weight_bytes act_bytes inflight_half small_ratio small_stream unaligned tile_k")
+                                      "empty_block weight_bytes act_bytes inflight_half small_ratio small_stream unaligned "
+                                      "tile_k small_rate reads_all row_block")
 
 _PARTS = ("topk", "align", "gate_up", "activation", "down", "combine")
 _FIELDS = ("time", "compute_time", "memory_time", "launch_time", "flops", "bytes")
@@ -69,7 +70,9 @@ def _moe_device_figures(device, dtype: str) -> _MoeDevice:
         float(eff.moe_tile_m), float(eff.tile_n), float(eff.k_half), float(device.compute_units), float(eff.moe_empty_block),
         float(weight_bytes_per_param(variant)), float(dtype_bytes(act)), float(eff.moe_inflight_half_for(variant, canon)),
         float(eff.moe_small_batch.get(variant, 0.0)), float(stream * eff.moe_small_memory.get(variant, 1.0)),
-        float(eff.moe_unaligned_for(variant, canon)), float(eff.moe_tile_k))
+        float(eff.moe_unaligned_for(variant, canon)), float(eff.moe_tile_k),
+        float(device.peak_flops(act) * eff.moe_small_compute.get(variant, eff.moe_compute_for(variant, canon))),
+        variant in eff.moe_reads_all or canon in eff.moe_reads_all, float(eff.moe_row_block.get(variant, 0)))
 
 
 @numba.njit(inline="always", cache=True)
@@ -100,9 +103,11 @@ def _add_fields(out, fields):
 
 
 @numba.njit(inline="always", cache=True)
-def _row_blocks(rows, tile_m):
+def _row_blocks(rows, tile_m, fixed):
     """The row side of a grouped GEMM over ``rows[e]`` token rows per expert: (experts with
-    rows, rows, row block, row blocks). Both grouped GEMMs of a layer share it."""
+    rows, rows, row block, row blocks). Both grouped GEMMs of a layer share it. The row block
+    follows the rows per expert up to ``tile_m``, or is ``fixed`` (> 0) for a kernel variant
+    that keeps one block size."""
     active, total = 0, 0.0
     for r in rows:
         if r > 0:
@@ -110,7 +115,7 @@ def _row_blocks(rows, tile_m):
             total += r
     if active == 0:
         return 0.0, 0.0, 0.0, 0.0
-    block_m = _tile_edge(math.ceil(total / active), tile_m, 16.0)
+    block_m = fixed if fixed > 0.0 else _tile_edge(math.ceil(total / active), tile_m, 16.0)
     row_blocks = 0.0
     for r in rows:
         row_blocks += math.ceil(r / block_m)
@@ -133,50 +138,58 @@ def _weight_side(n, k, d):
 
 
 @numba.njit(inline="always", cache=True)
-def _grouped_fields(active, total, block_m, row_blocks, foreign, n, k, side, in_bytes, out_bytes, base, d):
-    """:data:`_FIELDS` of one grouped GEMM from its :func:`_row_blocks` (``active`` > 0): each
-    expert multiplies its rows ``[rows, k]`` by its own ``[k, n]`` weight, rows padded to the
-    row block; ``foreign`` rows routed to other ranks' experts cost an empty block per
-    ``tile_m`` rows, the kernel's largest row block (the measured EP rows show no step where the
-    local experts' row block shrinks; flops: useful work; padding only costs time). The weights stream at
-    ``x / (x + inflight_half)`` of the kernel's rate ``base`` (:func:`_base_stream`), ``x`` the
-    output tiles times the weight bytes per element: each tile keeps a few weight blocks in
-    flight, so a grid of few tiles (one expert hit by one token) cannot cover the memory
-    latency (Little's law)."""
+def _grouped_fields(active, total, block_m, row_blocks, foreign, n, k, side, in_bytes, out_bytes, small, experts, d):
+    """:data:`_FIELDS` of one grouped GEMM from its :func:`_row_blocks` (``active`` > 0 of
+    ``experts`` local experts): each expert multiplies its rows ``[rows, k]`` by its own
+    ``[k, n]`` weight, rows padded to the row block; ``foreign`` rows routed to other ranks'
+    experts cost an empty block per ``tile_m`` rows, the kernel's largest row block (the
+    measured EP rows show no step where the local experts' row block shrinks; flops: useful
+    work; padding only costs time). The weights stream at ``x / (x + inflight_half)`` of the
+    kernel's rate, ``x`` the output tiles times the weight bytes per element: each tile keeps a
+    few weight blocks in flight, so a grid of few tiles (one expert hit by one token) cannot
+    cover the memory latency (Little's law).
+
+    ``small`` (:func:`_small_batch`): the variant's small-batch kernel, which computes each
+    row on its own (no row blocks) at its own compute and stream rates. A variant whose kernel
+    reads every local expert's weights (``reads_all``) does so whichever experts have rows."""
     n_blocks, k_eff = side
     n_tiles = row_blocks * n_blocks
     waves = max(math.ceil(n_tiles / d.units), 1.0)
     shape_eff = max(n_tiles, 1.0) / (waves * d.units) * k_eff
-    flops = 2.0 * row_blocks * block_m * n * k
-    bytes_moved = active * n * k * d.weight_bytes + total * (k * in_bytes + n * out_bytes)
+    if small:
+        flops, rate, base = 2.0 * total * n * k, d.small_rate * k_eff, d.small_stream
+        read = active
+    else:
+        flops, rate, base = 2.0 * row_blocks * block_m * n * k, d.moe_rate * shape_eff, d.moe_stream
+        read = experts if d.reads_all else active
+    bytes_moved = read * n * k * d.weight_bytes + total * (k * in_bytes + n * out_bytes)
     inflight = n_tiles * d.weight_bytes
     stream = base * inflight / (inflight + d.inflight_half)
-    compute, memory, body = roofline(flops, bytes_moved, d.moe_rate * shape_eff, stream, d.latency, d.p)
+    compute, memory, body = roofline(flops, bytes_moved, rate, stream, d.latency, d.p)
     empty = math.ceil(foreign / d.tile_m) * n_blocks * d.empty_block
     return d.launch + body + empty, compute, memory, d.launch + empty, 2.0 * total * n * k, bytes_moved
 
 
 @numba.njit(inline="always", cache=True)
-def _base_stream(slots, experts, d):
-    """The grouped GEMMs' weight stream (B/s) for ``slots`` routed slots over ``experts`` local
-    experts: a variant with a small-batch kernel (vLLM's CUDA ``moe_wna16`` GEMM for int4
-    weight-only, taken while slots / local experts <= 6) streams at its own rate there."""
-    if d.small_ratio > 0.0 and slots <= d.small_ratio * experts:
-        return d.small_stream
-    return d.moe_stream
+def _small_batch(slots, experts, d):
+    """Whether ``slots`` routed slots over ``experts`` local experts run the variant's
+    small-batch kernel (vLLM's CUDA ``moe_wna16`` GEMM for int4 weight-only, taken while
+    slots / local experts <= 6)."""
+    return d.small_ratio > 0.0 and slots <= d.small_ratio * experts
 
 
 @numba.njit(inline="always", cache=True)
-def _grouped_core(rows, foreign, n, k, in_bytes, out_bytes, base, d, out):
+def _grouped_core(rows, foreign, n, k, in_bytes, out_bytes, small, d, out):
     """One grouped GEMM (:func:`_grouped_fields`) over ``rows[e]`` token rows per local expert;
     experts with no rows cost nothing (their weights are not read). Writes :data:`_FIELDS` into
     ``out``; returns (experts with rows, rows, row block)."""
-    active, total, block_m, row_blocks = _row_blocks(rows, d.tile_m)
+    active, total, block_m, row_blocks = _row_blocks(rows, d.tile_m, d.row_block)
     out[:] = 0.0
     if active == 0:
         return 0.0, 0.0, 0.0
     out[0], out[1], out[2], out[3], out[4], out[5] = _grouped_fields(active, total, block_m, row_blocks, foreign, n, k,
-                                                                     _weight_side(n, k, d), in_bytes, out_bytes, base, d)
+                                                                     _weight_side(n, k, d), in_bytes, out_bytes, small,
+                                                                     float(rows.size), d)
     return active, total, block_m
 
 
@@ -222,15 +235,15 @@ def _moe_rank(local, foreign, t, num_experts, hidden, shard, top_k, gated, d, pa
         flops, bytes_moved = _quant_work(t * hidden)
         _add_fields(parts[1], _vector_fields(flops, bytes_moved, d))
     up_n = 2 * shard if gated else shard
-    base = _base_stream(t * top_k, local.size, d)
-    info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, foreign, up_n, hidden, d.act_bytes, 2.0, base, d, parts[2])
+    small = _small_batch(t * top_k, local.size, d)
+    info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, foreign, up_n, hidden, d.act_bytes, 2.0, small, d, parts[2])
     if rows > 0:
         flops, bytes_moved = _activation_work(rows, shard, gated)
         _vector_kernel(flops, bytes_moved, d, parts[3])
         if d.act_bytes == 1.0:  # and the activation's output before the second
             flops, bytes_moved = _quant_work(rows * shard)
             _add_fields(parts[3], _vector_fields(flops, bytes_moved, d))
-    info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, foreign, hidden, shard, 2.0, 2.0, base, d, parts[4])
+    info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, foreign, hidden, shard, 2.0, 2.0, small, d, parts[4])
     flops, bytes_moved = _combine_work(t, hidden, top_k)
     _vector_kernel(flops, bytes_moved, d, parts[5])
 
@@ -284,7 +297,7 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
     own = tokens.size == 0
     largest = 0.0
     for i in range(ranks):
-        active, rows, block_m, row_blocks = _row_blocks(local[i], d.tile_m)
+        active, rows, block_m, row_blocks = _row_blocks(local[i], d.tile_m, d.row_block)
         t = max(rows, 1.0) if own else tokens[i]
         largest = max(largest, t)
         head, tail = _known(table, 0, t), _known(table, 2, t)
@@ -303,9 +316,9 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
                 table[0, int(t)], table[2, int(t)] = head, tail
         seconds = head
         if active > 0:
-            base = _base_stream(t * top_k, experts, d)
-            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, up_n, hidden, up_side, d.act_bytes, 2.0, base,
-                                       d)[0]
+            small = _small_batch(t * top_k, experts, d)
+            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, up_n, hidden, up_side, d.act_bytes, 2.0, small,
+                                       experts, d)[0]
             activation = _known(table, 1, rows)
             if np.isnan(activation):
                 flops, bytes_moved = _activation_work(rows, shard, gated)
@@ -316,7 +329,8 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
                 if rows < table.shape[1] and rows == math.floor(rows):
                     table[1, int(rows)] = activation
             seconds += activation
-            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, base, d)[0]
+            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, small,
+                                       experts, d)[0]
         times[i] = seconds + tail
     return times, largest
 

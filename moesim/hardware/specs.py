@@ -68,6 +68,15 @@ class Efficiency(Spec):
                                               "kernel (vLLM's CUDA moe_wna16 GEMM for int4 weight-only: 6)")
     moe_small_memory: dict[str, Fraction] = Field(default_factory=dict, description="that small-batch kernel's weight "
                                                   "stream, as a fraction of ``memory``")
+    moe_small_compute: dict[str, Fraction] = Field(default_factory=dict, description="that small-batch kernel's "
+                                                   "compute rate, a fraction of peak, on its rows as they are (it has no "
+                                                   "row blocks: its time grows with every row)")
+    moe_row_block: dict[str, int] = Field(default_factory=dict, description="grouped MoE kernel variant -> the row "
+                                          "block its kernel keeps whatever the rows per expert (absent: the rows per "
+                                          "expert rounded up to a power of two, 16 .. moe_tile_m)")
+    moe_reads_all: list[str] = Field(default_factory=list, description="grouped MoE kernel variants that read every "
+                                     "local expert's weights, whichever experts have rows (vLLM's Triton moe_wna16 "
+                                     "kernel for int4 weight-only)")
     moe_unaligned: dict[str, float] = Field(default_factory=dict, description="grouped MoE GEMMs, per kernel variant "
                                             "or dtype: how many times slower a weight whose rows or columns are not a "
                                             "multiple of 16 elements runs (absent: 1)")

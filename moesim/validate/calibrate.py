@@ -123,8 +123,9 @@ def parameters(device, tables: list[Table]) -> list[Parameter]:
             for k in _keys(tables, "moe", "moe_dtype", eff.moe_inflight_half)]
     out += [Parameter(("efficiency", "moe_unaligned", k), frozenset({"moe"}), 1.0, 50.0)
             for k in _keys(tables, "moe", "moe_dtype", eff.moe_unaligned)]
-    out += [Parameter(("efficiency", "moe_small_memory", k), frozenset({"moe"}), 0.02, 1.0)
-            for k in sorted(eff.moe_small_memory) if k in _dtypes(tables, "moe", "moe_dtype")]
+    out += [Parameter(("efficiency", table, k), frozenset({"moe"}), 0.002, 1.0)
+            for table in ("moe_small_memory", "moe_small_compute") for k in sorted(getattr(eff, table))
+            if k in _dtypes(tables, "moe", "moe_dtype")]
     if eff.gemm_tiles:
         out.append(Parameter(("efficiency", "tile_overhead"), frozenset({"gemm"}), 0.0, 512.0))
         out += [Parameter(("efficiency", "k_step", k), frozenset({"gemm"}), 0.0, 2e-6) for k in gemm_keys
