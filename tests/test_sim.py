@@ -212,6 +212,28 @@ def test_compiled_count_stream_step_equals_numpy_bit_for_bit(experts):
         assert (counts.sum(axis=1) <= tokens * 8).all() and counts.min() >= 0
 
 
+@pytest.mark.parametrize("experts", [8, 60, 256])
+def test_compiled_exact_count_step_draws_numpys_counts(experts):
+    """Same generator state in, same counts and same generator state out, over kept fractions
+    on both sides of 1/2, counts large enough for NumPy's BTPE branch, and steps without a
+    previous step."""
+    from moesim.routing.stream import _NO_PREVIOUS, _exact_step, exact_step_reference
+
+    rng = np.random.default_rng(experts)
+    L = 58
+    for trial in range(30):
+        share = rng.dirichlet(np.full(experts, 0.3), size=L)
+        tokens = int(rng.integers(1, 256 if trial % 5 else 4000))
+        keep = rng.uniform(0.0, 1.0, L) * (trial % 4 != 1)
+        previous = None if trial % 3 == 0 else np.stack([rng.multinomial(tokens * 8, row) for row in share])
+        ours, theirs = np.random.default_rng([experts, trial]), np.random.default_rng([experts, trial])
+        expected = exact_step_reference(theirs, previous, keep, share, tokens * 8, tokens)
+        counts = np.empty((L, experts), dtype=np.int64)
+        _exact_step(ours, _NO_PREVIOUS if previous is None else previous, keep, share, tokens * 8, tokens, counts)
+        assert np.array_equal(counts, expected)
+        assert ours.bit_generator.state == theirs.bit_generator.state
+
+
 def test_compiled_two_microbatch_recurrence_equals_the_traced_loop(tmp_path):
     scn, path = _scenario(tmp_path, policies={"overlap": "two_microbatch"})
     sim = build(scn, path)

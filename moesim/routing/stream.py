@@ -13,7 +13,8 @@ multinomial covariance, correlated with the previous step's noise by ``locality`
 share of tokens that continue (an AR(1) process with the same mean, variance and lag-one
 correlation as the exact repeat-or-redraw process), and rounded to integers that keep the
 total. A 58-layer, 256-expert step then costs two small Gaussian draws instead of 15,000
-binomials; smaller steps draw the exact process.
+binomials; smaller steps draw the exact process, compiled (:func:`_exact_step`), with NumPy's
+binomial algorithm on the same generator, so its counts are NumPy's bit for bit.
 """
 
 from __future__ import annotations
@@ -149,6 +150,115 @@ def _normal_step(noise, z, rho, keep, root, share, slots, tokens, counts):
             edge = upper
 
 
+def exact_step_reference(rng: np.random.Generator, previous: np.ndarray | None, keep: np.ndarray, share: np.ndarray,
+                         slots: int, tokens: int) -> np.ndarray:
+    """One exact-regime step in NumPy (the reference :func:`_exact_step` is tested against): each
+    of the previous step's slots ``[layers, experts]`` repeats its expert with probability
+    ``keep`` ``[layers]``, the rest of the ``slots`` are a multinomial draw from ``share``, and a
+    token picks an expert at most once (counts capped at ``tokens``)."""
+    L, E = share.shape
+    kept = np.zeros((L, E), dtype=np.int64)
+    if previous is not None:
+        kept = rng.binomial(previous, np.clip(keep, 0, 1)[:, None])
+    fresh = np.maximum(slots - kept.sum(axis=1), 0)
+    return np.minimum(kept + rng.multinomial(fresh, share), tokens)
+
+
+@numba.njit(inline="always", cache=True)
+def _inversion(rng, n, p, q, qn, bound):
+    """NumPy's ``random_binomial_inversion`` (``p <= 0.5``, ``n * p <= 30``) with its set-up
+    ``qn = q**n`` and ``bound`` passed in: the same uniforms, so the same draw."""
+    x = 0
+    px = qn
+    u = rng.random()
+    while u > px:
+        x += 1
+        if x > bound:
+            x = 0
+            px = qn
+            u = rng.random()
+        else:
+            u -= px
+            px = ((n - x + 1) * p * px) / (x * q)
+    return x
+
+
+@numba.njit(inline="always", cache=True)
+def _inversion_setup(n, small):
+    """NumPy's set-up of :func:`_inversion` for ``n`` trials of probability ``small`` <= 0.5:
+    (q, q**n, bound)."""
+    q = 1.0 - small
+    mean = n * small
+    return q, math.exp(n * math.log(q)), int(min(n, mean + 10.0 * math.sqrt(mean * q + 1)))
+
+
+@numba.njit(inline="always", cache=True)
+def _binomial(rng, n, p):
+    """``rng.binomial(n, p)`` as NumPy's ``random_binomial`` draws it; the inversion branch (all
+    but large ``n * p``) inline, without the checks of a generator call."""
+    if n == 0 or p == 0.0:
+        return 0
+    small = p if p <= 0.5 else 1.0 - p
+    if small * n > 30.0:
+        return rng.binomial(n, p)
+    q, qn, bound = _inversion_setup(n, small)
+    x = _inversion(rng, n, small, q, qn, bound)
+    return x if p <= 0.5 else n - x
+
+
+@numba.njit(cache=True)
+def _exact_step(rng, previous, keep, share, slots, tokens, counts):
+    """:func:`exact_step_reference` into ``counts`` (``previous`` empty: none), drawing the same
+    numbers from ``rng`` in the same order: the kept binomials row by row (one probability a
+    layer, so each distinct count's set-up is worked out once a layer), then each layer's
+    multinomial as NumPy's chain of conditional binomials."""
+    L, E = share.shape
+    counts[:] = 0
+    if previous.size:
+        largest = 0
+        for l in range(L):
+            for e in range(E):
+                largest = max(largest, previous[l, e])
+        qn_of = np.empty(largest + 1)
+        bound_of = np.empty(largest + 1, dtype=np.int64)
+        for l in range(L):
+            p = min(max(keep[l], 0.0), 1.0)
+            if p == 0.0:
+                continue
+            small = p if p <= 0.5 else 1.0 - p
+            qn_of[:] = -1.0  # set-up not worked out yet for this layer
+            for e in range(E):
+                n = previous[l, e]
+                if n == 0:
+                    continue
+                if small * n > 30.0:
+                    counts[l, e] = rng.binomial(n, p)
+                    continue
+                if qn_of[n] < 0.0:
+                    _, qn_of[n], bound_of[n] = _inversion_setup(n, small)
+                x = _inversion(rng, n, small, 1.0 - small, qn_of[n], bound_of[n])
+                counts[l, e] = x if p <= 0.5 else n - x
+    for l in range(L):
+        left = slots
+        for e in range(E):
+            left -= counts[l, e]
+        remaining = 1.0
+        for e in range(E - 1):
+            if left <= 0:
+                break
+            x = _binomial(rng, left, share[l, e] / remaining)
+            counts[l, e] += x
+            left -= x
+            remaining -= share[l, e]
+        if left > 0:
+            counts[l, E - 1] += left
+        for e in range(E):
+            counts[l, e] = min(counts[l, e], tokens)
+
+
+_NO_PREVIOUS = np.zeros((0, 0), dtype=np.int64)
+
+
 class CountStream:
     """Tokens per expert ``[layers, experts]`` for successive steps of a serving run.
 
@@ -185,10 +295,8 @@ class CountStream:
             else:
                 self.noise, counts = normal_step_reference(self.noise, z, rho, self.share, slots, tokens)
         else:
-            kept = np.zeros((L, E), dtype=np.int64)
-            if self.previous is not None and carry > 0:
-                kept = self.rng.binomial(self.previous, np.clip(self.locality * carry, 0, 1)[:, None])
-            fresh = np.maximum(slots - kept.sum(axis=1), 0)
-            counts = np.minimum(kept + self.rng.multinomial(fresh, self.share), tokens)  # a token picks an expert at most once
+            previous = self.previous if self.previous is not None and carry > 0 else _NO_PREVIOUS
+            counts = np.empty((L, E), dtype=np.int64)
+            _exact_step(self.rng, previous, self.locality * carry, self.share, slots, tokens, counts)
         self.previous, self.last_tokens = counts, tokens
         return counts
