@@ -1,5 +1,7 @@
-"""The simulator's time-only MoE path (`moesim.cost.moe._moe_times`, element-wise kernels tabled
-per count) against the full breakdown it must equal bit for bit."""
+"""The simulator's fast cost paths against the references they must equal bit for bit: the
+time-only MoE path (`moesim.cost.moe._moe_times`, element-wise kernels tabled per count) against
+the full breakdown, and the compiled all-to-all of a count-level step
+(`AllToAll.rank_times_rank_one`) against `rank_times_outer`."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import pytest
 
 from moesim.cost import moe
 from moesim.cost.moe import _moe_device, _moe_times, _moe_times_reference, _table, expert_times, moe_layer_time
+from moesim.cost.collectives import AllToAll
 from moesim.hardware.catalog import device
+from moesim.hardware.topology import accelerators, topology
 
 CASES = [  # (device, expert dtype, hidden, expert intermediate, gated)
     ("h100-sxm", "fp8_block", 7168, 2048, True),
@@ -79,3 +83,22 @@ def test_device_figures_remembered_per_object_not_per_name():
     slower = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(update={"moe_empty_block": 1e-6})})
     assert _moe_device(dev, "bf16") is _moe_device(dev, "bf16")
     assert _moe_device(slower, "bf16").empty_block == 1e-6 != _moe_device(dev, "bf16").empty_block
+
+
+@pytest.mark.parametrize("cluster,algorithm", [("h100-8node", "hierarchical"), ("h100-8node", "flat"), ("h100-2node", "hierarchical"),
+                                               ("dgx-h100", "flat"), ("l40s-x8", "flat")])
+def test_rank_one_all_to_all_equals_the_outer_products_bit_for_bit(cluster, algorithm):
+    graph = topology(cluster)
+    a2a = AllToAll(graph, accelerators(graph), algorithm)
+    rng = np.random.default_rng(3)
+    n = a2a.ranks
+    for rows in (1, 2, 58):
+        tokens = rng.integers(0, 300, size=(2, n)).astype(np.float64)
+        tokens[1, ::5] = 0.0  # replicas without tokens
+        share = tokens / tokens.sum(axis=1, keepdims=True)
+        counts = rng.integers(0, 5000, size=(2, rows, n)) * (rng.random((2, rows, n)) < 0.8)
+        dispatch, combine = a2a.rank_times_rank_one(share, counts, 7168.0, 14336.0)
+        for i in range(2):
+            slots = counts[i].astype(np.float64)
+            assert np.array_equal(dispatch[i], a2a.rank_times_outer(share[i][None, :] * 7168.0, slots))
+            assert np.array_equal(combine[i], a2a.rank_times_outer(slots * 14336.0, share[i][None, :]))

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numba
 import numpy as np
 
 from moesim.cost.roofline import OpCost
@@ -199,6 +200,7 @@ class AllToAll:
         # 0/1 masks of rank_times_outer's products, built once: it runs four times a simulated step
         self.mates = (self.same & self.off).astype(np.float64)
         self.others = (~self.same).astype(np.float64)
+        self.node_index = np.unique(node, return_inverse=True)[1].reshape(-1).astype(np.int64)  # each rank's node: 0, 1, ...
         peers_local = [j for j in range(n) if j != 0 and self.same[0, j]]
         peers_remote = [j for j in range(n) if not self.same[0, j]]
         local_route = route(graph, group[0], group[peers_local[0]]) if peers_local else None
@@ -271,6 +273,30 @@ class AllToAll:
         mates, others = self.mates, self.others
         return self._link_times(src * (dst @ mates), dst * (src @ mates), src * (dst @ others), dst * (src @ others))
 
+    def rank_times_rank_one(self, share: np.ndarray, counts: np.ndarray, bytes_out: float,
+                            bytes_back: float) -> tuple[np.ndarray, np.ndarray]:
+        """Each rank's seconds ``[loads, rows, ranks]`` of two all-to-alls per row of ``counts``
+        ``[loads, rows, ranks]`` (whole numbers: slots each rank computes): the dispatch, where
+        source ``i`` sends ``share[load, i]`` of each destination's slots at ``bytes_out`` a slot
+        (:meth:`rank_times_outer` of ``share * bytes_out`` and ``counts``), and the combine that
+        returns them at ``bytes_back`` a slot (``counts * bytes_back`` and ``share``). Compiled
+        without a mesh's per-pair limit, and then equal to those calls bit for bit: sums of whole
+        numbers are exact in any order, and the fractions are added in ascending rank order,
+        as the matrix products add them."""
+        share, counts = np.asarray(share, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+        if self.pair is not None or counts.shape[1] < 2:  # (one row: NumPy adds a vector product in another order)
+            dispatch = np.stack([self.rank_times_outer(s[None, :] * bytes_out, c) for s, c in zip(share, counts)])
+            combine = np.stack([self.rank_times_outer(c * bytes_back, s[None, :]) for s, c in zip(share, counts)])
+            return dispatch, combine
+        dispatch, combine = np.empty(counts.shape), np.empty(counts.shape)  # C order, as callers sum them along rows
+        capacity = np.full(self.ranks, -1.0) if self.capacity is None else self.capacity.astype(np.float64)
+        sums = np.stack([np.concatenate([row[None, :] @ self.mates, row[None, :] @ self.others])
+                         for s in share for row in (s * bytes_out, s)]).reshape(len(share), 4, self.ranks)
+        _rank_one_times(share, np.ascontiguousarray(counts), float(bytes_out), float(bytes_back), sums, self.node_index,
+                        self.local.astype(np.float64), capacity, -1.0 if self.nic is None else float(self.nic),
+                        self.algorithm == "hierarchical", dispatch, combine)
+        return dispatch, combine
+
     def _link_times(self, intra_send, intra_recv, inter_send, inter_recv) -> np.ndarray:
         """Each rank's seconds from its bytes sent and received inside and across nodes: the
         larger direction over the scale-up capacity and over the NIC, in parallel."""
@@ -298,6 +324,59 @@ class AllToAll:
         if self.ll is not None:  # NCCL: the LL protocol when it is cheaper
             seconds = np.minimum(seconds, self.ll[0] + body / self.ll[1])
         return np.where(sent > 0, seconds, 0.0)
+
+
+@numba.njit(cache=True)
+def _rank_one_times(share, counts, bytes_out, bytes_back, sums, node, local, capacity, nic, hierarchical, dispatch, combine):
+    """:meth:`AllToAll.rank_times_rank_one` without a per-pair limit, into ``dispatch`` and
+    ``combine``. ``sums`` ``[loads, 4, ranks]``: ``share * bytes_out`` and ``share`` summed over
+    each rank's node-mates and over the other nodes' ranks (NumPy's products, so the same
+    roundings); ``capacity`` ``[ranks]`` (scale-up, B/s) and ``nic`` (B/s) negative where there
+    are no such links."""
+    loads, rows, n = counts.shape
+    nodes = node.max() + 1
+    forward_share = 1 - 1 / local  # hierarchical: the share of a rank's inter-node receive it forwards
+    per_node, back_per_node, received = np.empty(nodes), np.empty(nodes), np.empty(nodes)
+    intra, inter_send, inter_recv = np.empty(n), np.empty(n), np.empty(n)
+    for g in range(loads):
+        for m in range(rows):
+            c = counts[g, m]
+            # whole numbers: a node's sum less the rank itself is exact, whatever the order
+            per_node[:] = 0.0
+            back_per_node[:] = 0.0
+            for j in range(n):
+                per_node[node[j]] += c[j]
+                back_per_node[node[j]] += c[j] * bytes_back
+            total, back_total = per_node.sum(), back_per_node.sum()
+            for phase in range(2):
+                for i in range(n):
+                    k = node[i]
+                    if phase == 0:  # dispatch: src = share * bytes_out (one row), dst = counts
+                        src = share[g, i] * bytes_out
+                        send, recv = src * (per_node[k] - c[i]), c[i] * sums[g, 0, i]
+                        inter_send[i], inter_recv[i] = src * (total - per_node[k]), c[i] * sums[g, 1, i]
+                    else:  # combine: src = counts * bytes_back, dst = share (one row)
+                        back = c[i] * bytes_back
+                        send, recv = back * sums[g, 2, i], share[g, i] * (back_per_node[k] - back)
+                        inter_send[i], inter_recv[i] = back * sums[g, 3, i], share[g, i] * (back_total - back_per_node[k])
+                    if hierarchical:
+                        forwarded = inter_recv[i] * forward_share[i]
+                        send, recv = send + forwarded, recv + forwarded
+                    intra[i] = max(send, recv)
+                if hierarchical:  # each node's inter-node receive, added in ascending rank order as a matrix product of many rows does
+                    received[:] = 0.0
+                    for j in range(n):
+                        received[node[j]] += inter_recv[j]
+                    for j in range(n):
+                        inter_recv[j] = received[node[j]] / local[j]
+                out = dispatch[g, m] if phase == 0 else combine[g, m]
+                for i in range(n):
+                    seconds = 0.0
+                    if capacity[i] >= 0.0:
+                        seconds = max(seconds, intra[i] / capacity[i])
+                    if nic >= 0.0:
+                        seconds = max(seconds, max(inter_send[i], inter_recv[i]) / nic)
+                    out[i] = seconds
 
 
 def all_to_all_time(graph, group: list[str], bytes_matrix: np.ndarray, *, algorithm: str = "flat",

@@ -287,10 +287,8 @@ class StepModel:
         a2a, bytes_out, bytes_back = self.a2a, h * self.costing.dispatch_element_bytes, h * dtype_bytes("bf16")
         share = np.stack([self._source_share(ld, replica_of_rank, ranks_per_replica) for ld in loads])  # [n, ep]
         if moved is None and all(ld.source is None for ld in loads):
-            # count level: source i sends share[i] of every rank's slots (a rank-one matrix);
-            # one load at a time: a taller matrix product can wake BLAS threads, slower here
-            d_rank = np.concatenate([a2a.rank_times_outer(share[i][None, :] * bytes_out, recv[i * M:(i + 1) * M]) for i in range(n)])
-            c_rank = np.concatenate([a2a.rank_times_outer(recv[i * M:(i + 1) * M] * bytes_back, share[i][None, :]) for i in range(n)])
+            # count level: source i sends share[i] of every rank's slots (a rank-one matrix)
+            d_rank, c_rank = (x.reshape(n * M, ep) for x in a2a.rank_times_rank_one(share, recv.reshape(n, M, ep), bytes_out, bytes_back))
             sent = recv.sum(axis=1) > 0
         else:
             d_rank, c_rank, sent = np.empty_like(recv), np.empty_like(recv), np.empty(n * M, dtype=bool)
