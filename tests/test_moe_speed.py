@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moesim.cost import moe
-from moesim.cost.moe import _moe_device, _moe_times, _moe_times_reference, _table, expert_times, moe_layer_time
+from moesim.cost.moe import _NO_RANKS_TABLE, _moe_device, _moe_times, _moe_times_reference, _table, expert_times, moe_layer_time
 from moesim.cost.collectives import AllToAll
 from moesim.hardware.catalog import device
 from moesim.hardware.topology import accelerators, topology
@@ -25,7 +25,7 @@ CASES = [  # (device, expert dtype, hidden, expert intermediate, gated)
 
 def _both(dev, dtype, hidden, inter, gated, local, tokens, top_k):
     args = (float(local.shape[1]), float(hidden), float(inter), float(top_k), gated, _moe_device(dev, dtype))
-    fast, _ = _moe_times(local, tokens, *args, _table(args, tokens.max(initial=0.0)))
+    fast, _ = _moe_times(local, tokens, *args, _table(args, tokens.max(initial=0.0)), _NO_RANKS_TABLE)
     return fast, _moe_times_reference(local, tokens, *args)
 
 
@@ -76,6 +76,27 @@ def test_whole_counts_and_own_tokens_equal_the_float_path():
     args = (4.0, 7168.0, 2048.0, 1.0, True, _moe_device(dev, "fp8_block"))
     reference = _moe_times_reference(local.reshape(-1, 4).astype(np.float64), slots.reshape(-1), *args).reshape(5, 64)
     assert np.array_equal(ints, reference) and np.array_equal(floats, reference)
+
+
+@pytest.mark.parametrize("name,dtype,hidden,inter,gated", CASES)
+def test_ranks_remembered_by_experts_rows_and_row_blocks_equal_the_breakdown(name, dtype, hidden, inter, gated, monkeypatch):
+    """Own tokens (expert parallelism): a rank's seconds are remembered per (experts with rows,
+    rows, row blocks); a second pass reads them, ranks beyond the table are costed directly, and
+    more local experts than the table holds are never remembered."""
+    monkeypatch.setattr(moe, "_RANKS_TABLES", {})
+    monkeypatch.setattr(moe, "_RANKS_TABLE_LIMIT", 2048)
+    dev = device(name)
+    rng = np.random.default_rng(11)
+    for experts, mean in ((4, 30.0), (4, 700.0), (8, 5.0), (1, 3000.0), (16, 9.0)):
+        local = rng.poisson(mean, size=(400, experts))
+        local[::6, : experts // 2] = 0  # fewer experts with rows
+        local[::9] = 0
+        args = (float(experts), float(hidden), float(inter), 1.0, gated, _moe_device(dev, dtype))
+        reference = _moe_times_reference(local.astype(np.float64), np.maximum(local.sum(axis=1), 1).astype(np.float64), *args)
+        for _ in range(2):  # filled on the first call, read on the second
+            assert np.array_equal(expert_times(dev, local, hidden=hidden, inter=inter, dtype=dtype, gated=gated), reference)
+    assert all(table.shape[0] <= moe._RANKS_TABLE_EXPERTS for table in moe._RANKS_TABLES.values())
+    assert not np.isnan(np.concatenate([t.ravel() for t in moe._RANKS_TABLES.values()])).all()
 
 
 def test_device_figures_remembered_per_object_not_per_name():

@@ -282,24 +282,36 @@ def _known(table, row, x):
 
 
 @numba.njit(cache=True)
-def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table):
+def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table, ranks_table):
     """Seconds of :func:`_moe_rank` for each rank (nothing foreign), without the breakdown: the
     same sum in the same order, of the same kernel figures. The element-wise kernels depend only
     on a rank's token count ``t`` (top-k + sort, unpermute) or rows (activation), so their
     seconds are kept in ``table`` ``[3, counts]`` (NaN: not met yet), filled as counts appear.
-    Empty ``tokens``: each rank's tokens are its rows (at least 1). Returns the times and the
-    largest token count met (the caller grows the table to it)."""
+    Empty ``tokens``: each rank's tokens are its rows (at least 1); a rank's seconds are then a
+    function of (experts with rows, rows, row blocks) alone, kept in ``ranks_table``
+    ``[experts with rows - 1, row blocks beyond the fewest, rows]`` when it has rows (an empty
+    one: not kept). Returns the times and the largest token count met (the caller grows the
+    tables to it)."""
     ranks = local.shape[0]
     experts = float(local.shape[1])
     times = np.empty(ranks)
     up_n = 2 * shard if gated else shard
     up_side, down_side = _weight_side(up_n, hidden, d), _weight_side(hidden, shard, d)
     own = tokens.size == 0
+    keep = own and ranks_table.shape[0] >= local.shape[1]
     largest = 0.0
     for i in range(ranks):
         active, rows, block_m, row_blocks = _row_blocks(local[i], d.tile_m, d.row_block)
         t = max(rows, 1.0) if own else tokens[i]
         largest = max(largest, t)
+        beyond = 0
+        if keep and active > 0:
+            # the row blocks lie between the fewest the rows fill and that plus experts - 1
+            beyond = int(row_blocks - math.ceil(rows / block_m))
+            known = _known(ranks_table[int(active) - 1], beyond, rows)
+            if not np.isnan(known):
+                times[i] = known
+                continue
         head, tail = _known(table, 0, t), _known(table, 2, t)
         if np.isnan(head):
             flops, bytes_moved = _topk_work(t, num_experts)
@@ -332,25 +344,49 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
             seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, small,
                                        experts, d)[0]
         times[i] = seconds + tail
+        if keep and active > 0 and rows < ranks_table.shape[2] and rows == math.floor(rows):
+            ranks_table[int(active) - 1, beyond, int(rows)] = times[i]
     return times, largest
 
 
 _TABLES: dict[tuple, np.ndarray] = {}
 _TABLE_LIMIT = 1 << 20  # counts beyond this are costed directly each time (8 MB a table at most, ×3)
+_RANKS_TABLE_EXPERTS = 8  # ranks' seconds are kept for up to this many local experts (their square of rows)
+_RANKS_TABLE_LIMIT = 1 << 16  # rows beyond this are costed each time (32 MB a table at most)
+
+
+def _grown(tables: dict, key: tuple, largest: float, lead: tuple, limit: int) -> np.ndarray:
+    """``tables[key]``, a NaN-filled array ``[*lead, counts]``, grown to hold counts up to
+    ``largest`` (at most ``limit``)."""
+    table = tables.get(key)
+    need = min(int(largest) + 1, limit)
+    if table is None or table.shape[-1] < need:
+        size = max(1024, 1 << (need - 1).bit_length())
+        grown = np.full((*lead, size), np.nan)
+        if table is not None:
+            grown[..., :table.shape[-1]] = table
+        tables[key] = table = grown
+    return table
 
 
 def _table(key: tuple, largest: float) -> np.ndarray:
     """The element-wise kernels' table of :func:`_moe_times` for one (device, layer shape),
     grown to hold counts up to ``largest``."""
-    table = _TABLES.get(key)
-    need = min(int(largest) + 1, _TABLE_LIMIT)
-    if table is None or table.shape[1] < need:
-        size = max(1024, 1 << (need - 1).bit_length())
-        grown = np.full((3, size), np.nan)
-        if table is not None:
-            grown[:, :table.shape[1]] = table
-        _TABLES[key] = table = grown
-    return table
+    return _grown(_TABLES, key, largest, (3,), _TABLE_LIMIT)
+
+
+_RANKS_TABLES: dict[tuple, np.ndarray] = {}
+_NO_RANKS_TABLE = np.empty((0, 0, 0))
+
+
+def _ranks_table(key: tuple, largest: float) -> np.ndarray:
+    """The ranks' seconds of :func:`_moe_times` (own tokens) for one (device, layer shape):
+    ``[experts with rows - 1, row blocks beyond the fewest, rows]``; none for more than
+    :data:`_RANKS_TABLE_EXPERTS` local experts."""
+    experts = int(key[0])
+    if experts > _RANKS_TABLE_EXPERTS:
+        return _NO_RANKS_TABLE
+    return _grown(_RANKS_TABLES, key, largest, (experts, experts), _RANKS_TABLE_LIMIT)
 
 
 def _moe_parts(device, local: np.ndarray, foreign: np.ndarray, tokens: np.ndarray, *, num_experts: int, hidden: int,
@@ -428,9 +464,13 @@ def expert_times(device, local: np.ndarray, *, hidden: int, inter: int, dtype: s
         tokens = np.ascontiguousarray(np.broadcast_to(np.asarray(tokens, dtype=np.float64), local.shape[:-1]).reshape(-1))
     args = (float(flat.shape[1]), float(hidden), float(inter // expert_tp), float(top_k), bool(gated), _moe_device(device, dtype))
     table = _table(args, tokens.max(initial=0.0))
-    times, largest = _moe_times(np.ascontiguousarray(flat), tokens, *args, table)
+    own = tokens.size == 0
+    ranks_table = _ranks_table(args, table.shape[1] - 1) if own else _NO_RANKS_TABLE
+    times, largest = _moe_times(np.ascontiguousarray(flat), tokens, *args, table, ranks_table)
     if largest >= table.shape[1]:
         _table(args, largest)  # the next call finds these counts tabled
+        if own:
+            _ranks_table(args, largest)
     return times.reshape(local.shape[:-1])
 
 
