@@ -140,6 +140,7 @@ class StepModel:
         self.is_moe = np.array([layer.moe for layer in self.layers])
         self.windows = sorted({layer.window or 0 for layer in self.layers})
         self.window_of = np.array([self.windows.index(layer.window or 0) for layer in self.layers])
+        self.window_layers = [next(layer for layer in self.layers if (layer.window or 0) == window) for window in self.windows]
         self.dense_layers = np.flatnonzero(~self.is_moe)
         self.placement, self.dispatch = placement, dispatch
         moe = arch.moe
@@ -166,23 +167,32 @@ class StepModel:
         sizes, which = np.unique(tokens, return_inverse=True) if isinstance(tokens, np.ndarray) else tokens
         return np.array([self._sum((name, t), lambda t=t: make(t)) if t else 0.0 for t in sizes.tolist()])[which]
 
-    def _attention(self, load: StepLoad) -> np.ndarray:
-        """``[windows, replicas]``: the attention block per replica for each sliding window."""
-        c, R = self.costing, self.replicas
+    def _decode_cores(self, loads: list[StepLoad]) -> np.ndarray:
+        """``[loads, windows, replicas]``: seconds of decode attention per replica; the cost model
+        works element by element over arrays, so every load's replicas go in one call."""
+        R = self.replicas
+        out = np.zeros((len(loads), len(self.windows), R))
+        decode = np.concatenate([load.decode for load in loads])
+        decoding = decode > 0
+        if decoding.any():
+            batch, kv = np.maximum(decode, 1), np.maximum(np.concatenate([load.kv for load in loads]), 1)
+            for w, layer in enumerate(self.window_layers):
+                out[:, w] = np.where(decoding, self.costing.decode_core(layer, batch, kv).time, 0.0).reshape(len(loads), R)
+        return out
+
+    def _attention(self, load: StepLoad, decode: np.ndarray) -> np.ndarray:
+        """``[windows, replicas]``: the attention block per replica for each sliding window, from
+        its decode attention ``decode`` (:meth:`_decode_cores`)."""
+        c = self.costing
         tokens = load.tokens
         # distinct (tokens, prompt tokens) pairs, as one integer key each (prefill <= tokens)
         span = int(tokens.max(initial=0)) + 1
         keys, which = np.unique(tokens * span + load.prefill, return_inverse=True)
         proj = np.array([self._sum(("proj", t, p), lambda t=t, p=p: sum(c.projections(t, p), []))
                          if t else 0.0 for t, p in zip((keys // span).tolist(), (keys % span).tolist())])[which.reshape(-1)]
-        out = np.zeros((len(self.windows), R))
-        decoding = load.decode > 0
-        for w, window in enumerate(self.windows):
-            layer = next(layer for layer in self.layers if (layer.window or 0) == window)
-            core = np.zeros(R)
-            if decoding.any():
-                cost = c.decode_core(layer, np.maximum(load.decode, 1), np.maximum(load.kv, 1))
-                core = np.where(decoding, cost.time, 0.0)
+        out = np.zeros_like(decode)
+        for w, (window, layer) in enumerate(zip(self.windows, self.window_layers)):
+            core = decode[w].copy()
             for replica, chunk, context in load.chunks:
                 core[replica] += self._sum(("prefill", window, chunk, context),
                                            lambda: [c.prefill_core(layer, 1, chunk, context)])
@@ -205,15 +215,19 @@ class StepModel:
             moe = arch.moe
             kw = dict(hidden=arch.hidden, inter=moe.expert_inter, dtype=c.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated)
         out = []
-        for load in loads:
+        for load, decode in zip(loads, self._decode_cores(loads)):
             tokens = load.tokens
             sizes = np.unique(tokens, return_inverse=True)
-            attention = self._attention(load)  # [windows, R]
+            attention = self._attention(load, decode)  # [windows, R]
             A = attention[self.window_of]  # [layers, R]
             S = np.zeros_like(A)
+            dense: dict[str, np.ndarray] = {}  # dense layers of one width cost the same
             for l in self.dense_layers:
                 layer = self.layers[l]
-                A[l] += self._per_replica(f"dense{layer.dense_inter}", sizes, lambda t, layer=layer: c.dense_block(layer, t))
+                name = f"dense{layer.dense_inter}"
+                if name not in dense:
+                    dense[name] = self._per_replica(name, sizes, lambda t, layer=layer: c.dense_block(layer, t))
+                A[l] += dense[name]
             X = np.zeros((M, max(ep, 1) if self.a2a is not None else self.replicas))
             D = np.zeros(M)
             C = np.zeros(M)
