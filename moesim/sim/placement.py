@@ -42,6 +42,12 @@ class Placement:
         """Whether any slot shares its expert's tokens (so :meth:`split` must divide counts)."""
         return bool((self.weight != 1.0).any())
 
+    @cached_property
+    def in_order(self) -> bool:
+        """Whether slot ``p`` holds expert ``p`` on every layer (contiguous placement: :meth:`split`
+        gives the counts as they are)."""
+        return self.phy2log.shape[1] == self.phy2log.max() + 1 and bool((self.phy2log == np.arange(self.phy2log.shape[1])).all())
+
     @property
     def slots_per_rank(self) -> int:
         return self.phy2log.shape[1] // self.ranks
@@ -52,7 +58,7 @@ class Placement:
         total is kept)."""
         L = counts.shape[0]
         if self.phy2log.shape[0] == 1 and not self.replicated:  # one slot per expert: a permutation
-            return counts[:, self.phy2log[0]]
+            return counts if self.in_order else counts[:, self.phy2log[0]]
         phy2log = np.broadcast_to(self.phy2log, (L, self.phy2log.shape[1]))
         raw = np.take_along_axis(counts, phy2log, axis=1) * self.weight
         out = np.floor(raw + 1e-9).astype(np.int64)
