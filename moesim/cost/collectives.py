@@ -326,6 +326,29 @@ class AllToAll:
         return np.where(sent > 0, seconds, 0.0)
 
 
+@numba.njit(inline="always", cache=True)
+def _finish_link_times(intra, inter_send, inter_recv, node, node_size, capacity, nic, hierarchical, received, out):
+    """:meth:`AllToAll._link_times` of one row of ranks, from each rank's larger scale-up
+    direction ``intra`` (forwarding already added) and its inter-node bytes; writes ``out``.
+    ``node_size``: ranks per node (each rank's ``local``)."""
+    n = out.size
+    if hierarchical:  # each node's inter-node receive, added in ascending rank order as a matrix product of many rows adds it
+        received[:] = 0.0
+        for j in range(n):
+            received[node[j]] += inter_recv[j]
+        for k in range(received.size):
+            received[k] /= node_size[k]
+        for j in range(n):
+            inter_recv[j] = received[node[j]]
+    for i in range(n):
+        seconds = 0.0
+        if capacity[i] >= 0.0:
+            seconds = max(seconds, intra[i] / capacity[i])
+        if nic >= 0.0:
+            seconds = max(seconds, max(inter_send[i], inter_recv[i]) / nic)
+        out[i] = seconds
+
+
 @numba.njit(cache=True)
 def _rank_one_times(share, counts, bytes_out, bytes_back, sums, node, local, capacity, nic, hierarchical, dispatch, combine):
     """:meth:`AllToAll.rank_times_rank_one` without a per-pair limit, into ``dispatch`` and
@@ -336,9 +359,15 @@ def _rank_one_times(share, counts, bytes_out, bytes_back, sums, node, local, cap
     loads, rows, n = counts.shape
     nodes = node.max() + 1
     forward_share = 1 - 1 / local  # hierarchical: the share of a rank's inter-node receive it forwards
+    if not hierarchical:
+        forward_share[:] = 0.0  # (x + 0.0 * y is x: nothing forwarded)
     per_node, back_per_node, received = np.empty(nodes), np.empty(nodes), np.empty(nodes)
+    node_size = np.empty(nodes)
+    for j in range(n):
+        node_size[node[j]] = local[j]
     intra, inter_send, inter_recv = np.empty(n), np.empty(n), np.empty(n)
     for g in range(loads):
+        src = share[g] * bytes_out
         for m in range(rows):
             c = counts[g, m]
             # whole numbers: a node's sum less the rank itself is exact, whatever the order
@@ -348,35 +377,20 @@ def _rank_one_times(share, counts, bytes_out, bytes_back, sums, node, local, cap
                 per_node[node[j]] += c[j]
                 back_per_node[node[j]] += c[j] * bytes_back
             total, back_total = per_node.sum(), back_per_node.sum()
-            for phase in range(2):
-                for i in range(n):
-                    k = node[i]
-                    if phase == 0:  # dispatch: src = share * bytes_out (one row), dst = counts
-                        src = share[g, i] * bytes_out
-                        send, recv = src * (per_node[k] - c[i]), c[i] * sums[g, 0, i]
-                        inter_send[i], inter_recv[i] = src * (total - per_node[k]), c[i] * sums[g, 1, i]
-                    else:  # combine: src = counts * bytes_back, dst = share (one row)
-                        back = c[i] * bytes_back
-                        send, recv = back * sums[g, 2, i], share[g, i] * (back_per_node[k] - back)
-                        inter_send[i], inter_recv[i] = back * sums[g, 3, i], share[g, i] * (back_total - back_per_node[k])
-                    if hierarchical:
-                        forwarded = inter_recv[i] * forward_share[i]
-                        send, recv = send + forwarded, recv + forwarded
-                    intra[i] = max(send, recv)
-                if hierarchical:  # each node's inter-node receive, added in ascending rank order as a matrix product of many rows does
-                    received[:] = 0.0
-                    for j in range(n):
-                        received[node[j]] += inter_recv[j]
-                    for j in range(n):
-                        inter_recv[j] = received[node[j]] / local[j]
-                out = dispatch[g, m] if phase == 0 else combine[g, m]
-                for i in range(n):
-                    seconds = 0.0
-                    if capacity[i] >= 0.0:
-                        seconds = max(seconds, intra[i] / capacity[i])
-                    if nic >= 0.0:
-                        seconds = max(seconds, max(inter_send[i], inter_recv[i]) / nic)
-                    out[i] = seconds
+            # dispatch: src = share * bytes_out (one row), dst = counts
+            for i in range(n):
+                inside = per_node[node[i]]
+                inter_send[i], inter_recv[i] = src[i] * (total - inside), c[i] * sums[g, 1, i]
+                forwarded = inter_recv[i] * forward_share[i]
+                intra[i] = max(src[i] * (inside - c[i]) + forwarded, c[i] * sums[g, 0, i] + forwarded)
+            _finish_link_times(intra, inter_send, inter_recv, node, node_size, capacity, nic, hierarchical, received, dispatch[g, m])
+            # combine: src = counts * bytes_back, dst = share (one row)
+            for i in range(n):
+                back, inside = c[i] * bytes_back, back_per_node[node[i]]
+                inter_send[i], inter_recv[i] = back * sums[g, 3, i], share[g, i] * (back_total - inside)
+                forwarded = inter_recv[i] * forward_share[i]
+                intra[i] = max(back * sums[g, 2, i] + forwarded, share[g, i] * (inside - back) + forwarded)
+            _finish_link_times(intra, inter_send, inter_recv, node, node_size, capacity, nic, hierarchical, received, combine[g, m])
 
 
 def all_to_all_time(graph, group: list[str], bytes_matrix: np.ndarray, *, algorithm: str = "flat",
