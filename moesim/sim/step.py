@@ -152,6 +152,7 @@ class StepModel:
             per_expert = (3 if moe.gated else 2) * arch.hidden * moe.expert_inter
             self.expert_bytes = per_expert * weight_bytes_per_param(expert_dtype) / layout.expert_tp
         self._memo: dict = {}
+        self._tables: dict[str, np.ndarray] = {}  # _per_replica's seconds per token count
 
     # -- memoised pieces that depend only on token counts ---------------------------------------
     def _sum(self, key, make) -> float:
@@ -160,12 +161,25 @@ class StepModel:
             value = self._memo[key] = float(sum(op.time for op in make()))
         return value
 
-    def _per_replica(self, name: str, tokens, make) -> np.ndarray:
-        """Seconds of ``make(t)`` for each replica's ``t`` tokens; ``tokens`` is an array or its
-        ``np.unique(..., return_inverse=True)`` pair (one step reuses it for many operators)."""
-        # replicas mostly run the same batch size: cost each distinct size once
-        sizes, which = np.unique(tokens, return_inverse=True) if isinstance(tokens, np.ndarray) else tokens
-        return np.array([self._sum((name, t), lambda t=t: make(t)) if t else 0.0 for t in sizes.tolist()])[which]
+    def _per_replica(self, name: str, tokens: np.ndarray, make) -> np.ndarray:
+        """Seconds of ``make(t)`` for each replica's ``t`` tokens (none: 0), each ``t`` costed
+        once and kept in an array over ``t`` (NaN: not met yet), so a step reads its replicas
+        in one gather."""
+        table = self._tables.get(name)
+        top = int(tokens.max(initial=0))
+        if table is None or table.size <= top:
+            grown = np.full(max(1024, 1 << top.bit_length()), np.nan)
+            grown[0] = 0.0
+            if table is not None:
+                grown[:table.size] = table
+            self._tables[name] = table = grown
+        values = table[tokens]
+        missing = np.isnan(values)
+        if missing.any():
+            for t in np.unique(tokens[missing]).tolist():
+                table[t] = float(sum(op.time for op in make(t)))
+            values = table[tokens]
+        return values
 
     def _decode_cores(self, loads: list[StepLoad]) -> np.ndarray:
         """``[loads, windows, replicas]``: seconds of decode attention per replica; the cost model
@@ -185,11 +199,13 @@ class StepModel:
         its decode attention ``decode`` (:meth:`_decode_cores`)."""
         c = self.costing
         tokens = load.tokens
-        # distinct (tokens, prompt tokens) pairs, as one integer key each (prefill <= tokens)
-        span = int(tokens.max(initial=0)) + 1
-        keys, which = np.unique(tokens * span + load.prefill, return_inverse=True)
-        proj = np.array([self._sum(("proj", t, p), lambda t=t, p=p: sum(c.projections(t, p), []))
-                         if t else 0.0 for t, p in zip((keys // span).tolist(), (keys % span).tolist())])[which.reshape(-1)]
+        # the projections of (tokens, prompt tokens): decode-only replicas read a table over
+        # tokens, the few with prompt tokens a memo of the pair
+        prefilling = load.prefill > 0
+        proj = self._per_replica("proj", np.where(prefilling, 0, tokens), lambda t: sum(c.projections(t, 0), []))
+        for r in np.flatnonzero(prefilling).tolist():
+            t, p = int(tokens[r]), int(load.prefill[r])
+            proj[r] = self._sum(("proj", t, p), lambda: sum(c.projections(t, p), []))
         out = np.zeros_like(decode)
         for w, (window, layer) in enumerate(zip(self.windows, self.window_layers)):
             core = decode[w].copy()
@@ -217,7 +233,6 @@ class StepModel:
         out = []
         for load, decode in zip(loads, self._decode_cores(loads)):
             tokens = load.tokens
-            sizes = np.unique(tokens, return_inverse=True)
             attention = self._attention(load, decode)  # [windows, R]
             A = attention[self.window_of]  # [layers, R]
             S = np.zeros_like(A)
@@ -226,7 +241,7 @@ class StepModel:
                 layer = self.layers[l]
                 name = f"dense{layer.dense_inter}"
                 if name not in dense:
-                    dense[name] = self._per_replica(name, sizes, lambda t, layer=layer: c.dense_block(layer, t))
+                    dense[name] = self._per_replica(name, tokens, lambda t, layer=layer: c.dense_block(layer, t))
                 A[l] += dense[name]
             X = np.zeros((M, max(ep, 1) if self.a2a is not None else self.replicas))
             D = np.zeros(M)
@@ -236,8 +251,8 @@ class StepModel:
             slots = int(load.counts.sum())
             rank_slots = np.zeros(X.shape[1])
             if M:
-                pre = self._per_replica("moe_pre", sizes, c.moe_pre)
-                shared = self._per_replica("moe_shared", sizes, c.moe_shared)
+                pre = self._per_replica("moe_pre", tokens, c.moe_pre)
+                shared = self._per_replica("moe_shared", tokens, c.moe_shared)
                 A[self.is_moe] += pre
                 S[self.is_moe] = shared
                 if self.a2a is not None:
