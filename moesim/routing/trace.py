@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from moesim.errors import InputError
@@ -70,11 +71,24 @@ def tokens_per_expert(ids: np.ndarray, num_experts: int, batch: int) -> np.ndarr
     steps of ``batch`` consecutive tokens (the last, partial step is dropped)."""
     tokens, layers, k = ids.shape
     steps = tokens // batch
-    block = ids[: steps * batch].reshape(steps, batch, layers, k).astype(np.int64)
-    flat = np.where(block >= 0, block + num_experts * (np.arange(layers)[None, None, :, None]
-                                                       + layers * np.arange(steps)[:, None, None, None]), -1)
-    counts = np.bincount(flat[flat >= 0].ravel(), minlength=steps * layers * num_experts)
-    return counts.reshape(steps, layers, num_experts)
+    counts = np.zeros((steps, layers, num_experts), dtype=np.int64)
+    _count_choices(np.asarray(ids), batch, counts)
+    return counts
+
+
+@numba.njit(cache=True)
+def _count_choices(ids, batch, counts):
+    """Adds each token's expert choices ``ids`` ``[tokens, layers, k]`` (-1: none) to
+    ``counts[token // batch, layer, expert]`` for the whole steps ``counts`` holds (a compiled
+    loop: the sample the count stream measures is ~10^7 choices)."""
+    layers, k = ids.shape[1], ids.shape[2]
+    for step in range(counts.shape[0]):
+        for token in range(step * batch, (step + 1) * batch):
+            for layer in range(layers):
+                for j in range(k):
+                    expert = ids[token, layer, j]
+                    if expert >= 0:
+                        counts[step, layer, expert] += 1
 
 
 def save_trace(path: str | Path, trace: Trace) -> Path:
