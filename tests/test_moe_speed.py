@@ -123,3 +123,19 @@ def test_rank_one_all_to_all_equals_the_outer_products_bit_for_bit(cluster, algo
             slots = counts[i].astype(np.float64)
             assert np.array_equal(dispatch[i], a2a.rank_times_outer(share[i][None, :] * 7168.0, slots))
             assert np.array_equal(combine[i], a2a.rank_times_outer(slots * 14336.0, share[i][None, :]))
+
+
+def test_tile_edge_is_the_clamped_next_power_of_two():
+    """`_tile_edge` doubles instead of calling frexp / ldexp: the same edges as the frexp form."""
+    import math
+
+    from moesim.cost.moe import _tile_edge
+
+    def by_frexp(size, largest, smallest):
+        mantissa, exponent = math.frexp(max(math.ceil(size), 1.0))
+        return min(max(math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent), smallest), largest)
+
+    sizes = [0.0, 0.3, 1.0, 1.5, 2.0, 3.0, 15.9, 16.0, 16.1, 63.0, 64.0, 65.0, 127.5, 4096.0, 1e7] + list(range(1, 600))
+    for largest, smallest in ((64.0, 16.0), (128.0, 32.0), (96.0, 16.0), (256.0, 32.0), (16.0, 16.0)):
+        for size in sizes:
+            assert _tile_edge(float(size), largest, smallest) == by_frexp(float(size), largest, smallest)
