@@ -234,6 +234,18 @@ def test_compiled_exact_count_step_draws_numpys_counts(experts):
         assert ours.bit_generator.state == theirs.bit_generator.state
 
 
+def test_micro_batch_counts_are_numpys_floor_of_the_share():
+    from moesim.sim.step import _scaled
+
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        counts = rng.integers(0, 10 ** int(rng.integers(1, 12)), size=(int(rng.integers(1, 60)), int(rng.integers(1, 300))))
+        share = float(rng.random()) if trial % 3 else int(rng.integers(1, 1000)) / int(rng.integers(1000, 2000))
+        for offset in (0.5, 0.0):
+            assert np.array_equal(_scaled(counts, share, offset), np.floor(counts * np.float64(share) + offset).astype(np.int64))
+    assert _scaled(np.arange(24).reshape(2, 3, 4)[:, ::2], 0.5, 0.0).shape == (2, 2, 4)  # a strided source
+
+
 def test_compiled_two_microbatch_recurrence_equals_the_traced_loop(tmp_path):
     scn, path = _scenario(tmp_path, policies={"overlap": "two_microbatch"})
     sim = build(scn, path)

@@ -2,10 +2,12 @@
 
 :func:`two_microbatch_end`: the end of DeepSeek's two-micro-batch overlap over a step's MoE
 layers, the loop :meth:`moesim.sim.step.StepModel._two_microbatch` runs in Python when it also
-records spans (the reference).
+records spans (the reference); :func:`scaled_floor`: a micro-batch's share of a step's counts.
 """
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
@@ -36,3 +38,12 @@ def two_microbatch_end(segs: np.ndarray, xs: np.ndarray, dispatch: np.ndarray, c
         comm = max(comm, comp) + combine[1, m]
         done1 = comm
     return max(comp, comm)
+
+
+@numba.njit(cache=True)
+def scaled_floor(counts: np.ndarray, share: float, offset: float, out: np.ndarray) -> None:
+    """``out[:] = np.floor(counts * share + offset)`` over 1-D arrays (whole counts in and out),
+    with NumPy's roundings (a product, then a sum, neither fused); one pass instead of NumPy's
+    four over a step's ~15,000 counts."""
+    for i in range(counts.size):
+        out[i] = math.floor(counts[i] * share + offset)

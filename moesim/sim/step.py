@@ -39,7 +39,7 @@ from moesim.dtypes import dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
 from moesim.models.arch import ModelArch
 from moesim.sim.dispatch import Dispatch
-from moesim.sim.kernels import two_microbatch_end
+from moesim.sim.kernels import scaled_floor, two_microbatch_end
 from moesim.sim.placement import Placement
 
 OVERLAP = ("none", "shared_expert", "two_microbatch")
@@ -74,9 +74,17 @@ class StepLoad:
             prefill[replica] += tokens
         total = max(int(self.tokens.sum()), 1)
         share = (cut(self.decode) + prefill).sum() / total
-        counts = np.floor(self.counts * share + (0.5 if first else 0.0)).astype(np.int64)
-        source = None if self.source is None else np.floor(self.source * share).astype(np.int64)
+        counts = _scaled(self.counts, float(share), 0.5 if first else 0.0)
+        source = None if self.source is None else _scaled(self.source, float(share), 0.0)
         return StepLoad(cut(self.decode), self.kv, prefill, chunks, counts, source)
+
+
+def _scaled(counts: np.ndarray, share: float, offset: float) -> np.ndarray:
+    """``np.floor(counts * share + offset)`` as int64 counts, compiled (:func:`scaled_floor`)."""
+    counts = np.ascontiguousarray(counts)
+    out = np.empty(counts.shape, dtype=np.int64)
+    scaled_floor(counts.reshape(-1), share, offset, out.reshape(-1))
+    return out
 
 
 @dataclass
