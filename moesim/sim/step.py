@@ -150,6 +150,11 @@ class StepModel:
         self.window_of = np.array([self.windows.index(layer.window or 0) for layer in self.layers])
         self.window_layers = [next(layer for layer in self.layers if (layer.window or 0) == window) for window in self.windows]
         self.dense_layers = np.flatnonzero(~self.is_moe)
+        # the layers each MoE layer's barrier closes (from the one after the previous MoE layer)
+        # and the tail after the last
+        ends = np.flatnonzero(self.is_moe)
+        self.segment_starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if ends.size else ends
+        self.tail_start = int(ends[-1]) + 1 if ends.size else 0
         self.placement, self.dispatch = placement, dispatch
         moe = arch.moe
         self.a2a = None
@@ -381,14 +386,10 @@ class StepModel:
     def _segments(self, ph: dict, exclude_shared: bool) -> np.ndarray:
         """``[moe layers, replicas]``: compute each replica runs before each MoE layer's barrier."""
         A = ph["A"] if exclude_shared else ph["A"] + ph["S"]
-        ends = np.flatnonzero(self.is_moe)
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        return np.add.reduceat(A, starts, axis=0) if ends.size else np.zeros((0, A.shape[1]))
+        return np.add.reduceat(A, self.segment_starts, axis=0) if self.segment_starts.size else np.zeros((0, A.shape[1]))
 
     def _tail(self, ph: dict) -> np.ndarray:
-        last = np.flatnonzero(self.is_moe)
-        start = last[-1] + 1 if last.size else 0
-        return ph["A"][start:].sum(axis=0) + ph["head"]
+        return ph["A"][self.tail_start:].sum(axis=0) + ph["head"]
 
     def _sequential(self, ph: dict, detail: bool):
         shared = self.overlap == "shared_expert"
