@@ -36,7 +36,7 @@ def register(sub, formatter) -> None:
         epilog="examples:\n"
                "  moesim validate --measured ../shared/data/aiconfigurator/h100_sxm --device h100-sxm\n"
                "  moesim validate --measured DIR --device h100-sxm --fit --out validation/out\n"
-               "  moesim validate --measured DIR --device h200-sxm --efficiency-from validation/out/h100-sxm-calibrated.yaml\n"
+               "  moesim validate --measured DIR --device h200-sxm --efficiency-from h100-sxm\n"
                "  moesim validate --measured DIR --device h100-sxm --markdown docs/validation.md",
     )
     p.add_argument("--measured", metavar="DIR", help="folder of measured tables (.csv.gz / .csv / .parquet)")
