@@ -29,20 +29,25 @@ from moesim.routing.profile import RoutingProfile, Tables, alias_tables, build_t
 from moesim.routing.trace import tokens_per_expert
 
 _TRIES = 16
-_BELOW_ONE = 1.0 - 2.0**-53
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 # Draw numbers inside one (token, layer, slot): draw 0's 64 bits hold the locality test (bits
 # 0-15), the affinity test (bits 16-31), the successor pick (bits 32-39, so ``fanout`` <= 256)
-# and the first popularity attempt (bits 40-63); the null test and the later popularity
-# attempts take a draw of their own. The group selection of a (token, layer) is one 53-bit
+# and the expert of the first popularity attempt (bits 40-63); the null test and the later
+# popularity attempts take a draw of their own (draw _D_POP + attempt). A popularity attempt
+# reads the expert (an alias draw in integers) from bits 40-63 of its hash and, under
+# group-limited routing, the chosen group from bits 0-23, so there the first attempt takes
+# draw _D_POP: two independent fields, where one uniform rescaled after the group pick cost a
+# chain of float operations on every draw. The group selection of a (token, layer) is one 53-bit
 # uniform of slot _GROUP_SLOT (an alias draw over the sets of groups), or, above
 # ``_SUBSET_MAX_GROUPS`` groups, 16-bit fields of the draws of slot _GROUP_SLOT + i // 4. One
 # hash thus serves the common path of a slot, which sets the kernel's speed.
 _D_TESTS, _D_NULL, _D_POP = 0, 3, 4
 _SHIFT_LOCAL, _SHIFT_AFFINE, _SHIFT_SUCC, _SHIFT_POP = 0, 16, 32, 40
+_POP_BITS = 24  # bits of each popularity field (group, expert)
+_POP_MASK = (1 << _POP_BITS) - 1
 _GROUP_SLOT = 200  # slot numbers from here on are group-selection draws
 
 ALGORITHM_CODES = {"token_choice": 0, "group_limited": 1, "grouped": 2, "dynamic_k": 3}
@@ -61,12 +66,6 @@ def _hash(seed, token, layer, slot, draw):
 def _field(h, shift):
     """A 16-bit uniform in [0, 1) from bits ``shift``.. of hash ``h``."""
     return float(np.int64((h >> np.uint64(shift)) & np.uint64(0xFFFF))) * (1.0 / 65536.0)
-
-
-@numba.njit(inline="always", cache=True, error_model="numpy")
-def _pop_field(h):
-    """A 24-bit uniform in [0, 1) from bits 40-63 of hash ``h``: the first popularity attempt."""
-    return float(np.int64(h >> np.uint64(_SHIFT_POP))) * (1.0 / 16777216.0)
 
 
 def hash_np(seed: int, token: np.ndarray, layer: int, slot: int, draw: int) -> np.ndarray:
@@ -91,8 +90,20 @@ def succ_field_np(h: np.ndarray) -> np.ndarray:
     return ((h >> np.uint64(_SHIFT_SUCC)) & np.uint64(0xFF)).astype(np.float64) * (1.0 / 256.0)
 
 
-def pop_field_np(h: np.ndarray) -> np.ndarray:
-    return (h >> np.uint64(_SHIFT_POP)).astype(np.float64) * (1.0 / 16777216.0)
+def alias_thresholds(prob: np.ndarray) -> np.ndarray:
+    """Alias tables' keep-probabilities as integer thresholds for a ``_POP_BITS``-bit fraction
+    ``f``: ``f / 2**24 < prob`` exactly when ``f < ceil(prob * 2**24)`` (scaling by a power of
+    two is exact)."""
+    return np.ceil(prob * float(1 << _POP_BITS)).astype(np.int32)
+
+
+def alias_bits_np(bits: np.ndarray, n: int, thr: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The integer alias draw of ``_alias_bits`` for ``_POP_BITS``-bit uniforms ``bits``;
+    ``thr`` / ``idx``: the tables' rows, one per entry of ``bits``, ``[len(bits), n]``."""
+    x = bits.astype(np.int64) * n
+    i = x >> _POP_BITS
+    rows = np.arange(x.size)
+    return np.where((x & _POP_MASK) >= thr[rows, i], idx[rows, i], i)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,11 +161,6 @@ def group_subsets(n_group: int, topk_group: int, group_mass: np.ndarray):
     return prob.reshape(shape), idx.reshape(shape), members
 
 
-def _inverse_mass(group_mass: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(group_mass > 0, 1.0 / group_mass, 0.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Numba kernel
 # ---------------------------------------------------------------------------------------------
@@ -208,15 +214,27 @@ _SEL_PAD = 8
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g, group_size, alias_prob, alias_idx, row_e):
-    """The expert that uniform ``u`` picks from the popularity of the allowed experts: under
-    group-limited routing first a chosen group by mass (``sel_g``: the chosen groups in index
-    order, ``sel_before``: the mass of the chosen groups before each, then +inf, ``sel_inv``: the
-    inverse of each one's mass, 0 for none), then an expert inside the group ``g`` by its alias
-    table (the layer's tables start at ``row_e``). The group is found by counting, not by a loop
-    that exits at a random point (a mispredicted branch per draw)."""
+def _alias_bits(bits, n, thr, idx, base):
+    """Outcome of the alias table of ``n`` entries at ``thr[base:]`` / ``idx[base:]`` (integer
+    thresholds, see ``alias_thresholds``) for a ``_POP_BITS``-bit uniform ``bits``: ``bits * n``
+    holds the entry above bit 24 and the fraction below, so the draw needs no float
+    conversions."""
+    x = np.int64(bits) * n
+    i = x >> _POP_BITS
+    other = np.int64((x & _POP_MASK) >= thr[_u(base + i)])
+    return i + other * (np.int64(idx[_u(base + i)]) - i)
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _popularity_draw(h, algo, sel_mass, n_sel, sel_g, sel_before, g, group_size, alias_thr, alias_idx, row_e):
+    """The expert that hash ``h`` picks from the popularity of the allowed experts: under
+    group-limited routing first a chosen group by mass from bits 0-23 (``sel_g``: the chosen
+    groups in index order, ``sel_before``: the mass of the chosen groups before each, then
+    +inf), then, from bits 40-63, an expert inside the group ``g`` by its alias table (the
+    layer's tables start at ``row_e``). The group is found by counting, not by a loop that
+    exits at a random point (a mispredicted branch per draw)."""
     if algo == 1:
-        target = u * sel_mass
+        target = float(np.int64(h & np.uint64(_POP_MASK))) * (1.0 / (1 << _POP_BITS)) * sel_mass
         si = 0
         if n_sel <= 4:  # DeepSeek-V3's top-4 groups: a shorter fixed search (always the same way)
             for q in range(1, 4):
@@ -228,8 +246,7 @@ def _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g, gr
             for q in range(1, n_sel):
                 si += sel_before[_u(q)] <= target
         g = sel_g[_u(si)]
-        u = min(max((target - sel_before[_u(si)]) * sel_inv[_u(si)], 0.0), _BELOW_ONE)
-    return g * group_size + _alias_at(u, group_size, alias_prob, alias_idx, row_e + g * group_size)
+    return g * group_size + _alias_bits(h >> np.uint64(_SHIFT_POP), group_size, alias_thr, alias_idx, row_e + g * group_size)
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
@@ -251,7 +268,7 @@ def _allowed(c, small, gmask, group_at, group_of, stamp, algo, g_lo, g_hi):
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
-def _pick_groups_one_by_one(h_seed, t, layer, gmass, ginv, row_g, n_group, topk_group, group_sel, sel_g, sel_before, sel_inv, cum):
+def _pick_groups_one_by_one(h_seed, t, layer, gmass, row_g, n_group, topk_group, group_sel, sel_g, sel_before, cum):
     """Group-limited routing above ``_SUBSET_MAX_GROUPS`` groups: ``topk_group`` picks by mass
     without replacement. ``cum[g]``: the open mass of groups 0..g; a pick is the number of
     groups whose cum lies at or below the target (independent compares, not a chain of
@@ -287,14 +304,13 @@ def _pick_groups_one_by_one(h_seed, t, layer, gmass, ginv, row_g, n_group, topk_
         if group_sel[g]:
             sel_g[n_sel] = g
             sel_before[n_sel] = acc
-            sel_inv[n_sel] = ginv[row_g + g]
             acc += gmass[row_g + g]
             n_sel += 1
     return acc
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups, alias_prob, alias_idx, successors, seq_start,
+def _generate_kernel(seed, dims, cdf, gmass, sub_prob, sub_idx, sub_groups, alias_thr, alias_idx, successors, seq_start,
                      seq_domain, interval, locality, affinity, null_rate, threshold, out, algo_tag, small_tag, k_tag):
     """``out``: the flat ``[tokens, layers, k]`` trace. ``dims``: experts, layers, domains,
     epochs, k, algorithm code, n_group, topk_group, number of group sets (0: pick groups one
@@ -332,9 +348,9 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
         # both already made in this order, and a layer's tables then stay in the L1 cache for
         # the whole sequence. The draws are hashes of (token, layer, slot), so the order does
         # not change them. ``here`` holds this layer's choices [token, slot], ``below`` the
-        # layer before's.
-        here_c = np.full(n * k, -1, dtype=np.int64)
-        below = np.full(n * k, -1, dtype=np.int64)
+        # layer before's, as int16 (expert ids), so that both stay in the L1 cache with the tables.
+        here_c = np.full(n * k, -1, dtype=np.int16)
+        below = np.full(n * k, -1, dtype=np.int16)
         # Stamps instead of per-(token, layer) sets: the expert (group) is taken (chosen) by the
         # current (token, layer) when its entry equals ``stamp``, which goes up by one per
         # (token, layer). Nothing is cleared between layers, and a test is one load and compare.
@@ -344,13 +360,14 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
         group_sel = np.zeros(n_group, dtype=np.bool_)
         sel_g = np.zeros(n_pad, dtype=np.int64)
         sel_before = np.full(n_pad, np.inf)
-        sel_inv = np.zeros(n_pad)
         cum = np.zeros(n_group)
         cand_loc = np.empty(k, dtype=np.int64)
         cand_aff = np.empty(k, dtype=np.int64)
         cand_pop = np.empty(k, dtype=np.int64)
         pre_loc = np.empty(k, dtype=np.bool_)
         pre_aff = np.empty(k, dtype=np.bool_)
+        hs = np.empty(k, dtype=np.uint64)
+        hps = np.empty(k, dtype=np.uint64)
         dom = seq_domain[s]
         for layer in range(L):
             here_c, below = below, here_c
@@ -384,13 +401,12 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                             gmask |= group_bits[_u(g)]
                             sel_g[_u(q)] = g
                             sel_before[_u(q)] = sel_mass
-                            sel_inv[_u(q)] = ginv[_u(row * n_group + g)]
                             sel_mass += gmass[_u(row * n_group + g)]
                     else:
                         for g in range(n_group):
                             group_sel[g] = False
-                        sel_mass = _pick_groups_one_by_one(seed, t, layer, gmass, ginv, row * n_group, n_group, topk_group, group_sel,
-                                                           sel_g, sel_before, sel_inv, cum)
+                        sel_mass = _pick_groups_one_by_one(seed, t, layer, gmass, row * n_group, n_group, topk_group, group_sel,
+                                                           sel_g, sel_before, cum)
                         for q in range(topk_group):
                             group_at[_u(sel_g[q])] = stamp
                             gmask |= group_bits[_u(sel_g[q])]
@@ -406,26 +422,40 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                 # Phase 1: every slot's candidates, which need nothing of the other slots' choices,
                 # so the slots' hash and table look-ups run side by side. Phase 2 then takes them
                 # slot by slot; its tests wait only on the choices before, so a repeated draw is
-                # found (and its branch resolved) early, not at the end of a look-up chain.
+                # found (and its branch resolved) early, not at the end of a look-up chain. Phase 1
+                # is a loop per kind of candidate, not one loop doing all: each then holds its few
+                # values in registers (one loop spilled to the stack), 12% faster for DeepSeek-V3.
+                for j in range(k):
+                    hs[_u(j)] = _draw_hash(token_key, layer_key, j, _D_TESTS)
+                for j in range(k):
+                    hps[_u(j)] = _draw_hash(token_key, layer_key, j, _D_POP) if algo == 1 else hs[_u(j)]
+                for j in range(k):
+                    if algo == 2:
+                        g_fix = j // per_group
+                    cand_pop[_u(j)] = _popularity_draw(hps[_u(j)], algo, sel_mass, n_sel, sel_g, sel_before, g_fix, group_size, alias_thr,
+                                                       alias_idx, row_e)
                 for j in range(k):
                     if algo == 2:
                         g_fix = j // per_group
                         g_lo = g_fix * group_size
                         g_hi = g_lo + group_size
-                    h = _draw_hash(token_key, layer_key, j, _D_TESTS)
+                    h = hs[_u(j)]
                     c_loc = here_c[_u(back + j)] if back >= 0 else -1  # temporal locality
                     cand_loc[_u(j)] = c_loc
                     pre_loc[_u(j)] = ((c_loc >= 0) & (np.int64((h >> np.uint64(_SHIFT_LOCAL)) & np.uint64(0xFFFF)) < loc)
                                       & _allowed(max(c_loc, 0), small, gmask, group_at, group_of, stamp, algo, g_lo, g_hi))
+                for j in range(k):
+                    if algo == 2:
+                        g_fix = j // per_group
+                        g_lo = g_fix * group_size
+                        g_hi = g_lo + group_size
+                    h = hs[_u(j)]
                     up = below[_u(here + j)]  # cross-layer affinity; layer 0: the buffer's -1 (its affinity is 0)
                     c_aff = np.int64(successors[_u((succ_row + max(up, 0)) * fan
                                                    + ((np.int64(h >> np.uint64(_SHIFT_SUCC)) & 0xFF) * fan >> 8))])
                     cand_aff[_u(j)] = c_aff
                     pre_aff[_u(j)] = ((up >= 0) & (np.int64((h >> np.uint64(_SHIFT_AFFINE)) & np.uint64(0xFFFF)) < aff)
                                       & _allowed(c_aff, small, gmask, group_at, group_of, stamp, algo, g_lo, g_hi))
-                    # popularity, the first attempt from the same hash (allowed by construction)
-                    cand_pop[_u(j)] = _popularity_draw(_pop_field(h), algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g_fix,
-                                                       group_size, alias_prob, alias_idx, row_e)
                 for j in range(k):
                     if algo == 2:
                         g_fix = j // per_group
@@ -444,9 +474,8 @@ def _generate_kernel(seed, dims, cdf, gmass, ginv, sub_prob, sub_idx, sub_groups
                         # the first draw repeats a choice: redraw, then the lowest allowed free expert
                         pick = -1
                         for attempt in range(1, _TRIES):
-                            u = _unit(_draw_hash(token_key, layer_key, j, _D_POP + attempt))
-                            cand = _popularity_draw(u, algo, sel_mass, n_sel, sel_g, sel_before, sel_inv, g_fix, group_size, alias_prob,
-                                                    alias_idx, row_e)
+                            cand = _popularity_draw(_draw_hash(token_key, layer_key, j, _D_POP + attempt), algo, sel_mass, n_sel, sel_g,
+                                                    sel_before, g_fix, group_size, alias_thr, alias_idx, row_e)
                             if _untaken(cand, small, used, taken_at, stamp):
                                 pick = cand
                                 break
@@ -492,6 +521,7 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
     prev = np.full((starts.size, L, k), -1, dtype=np.int64)
     epochs = cdf.shape[0]
     subsets = group_subsets(n_group, profile.topk_group, tables.group_mass) if algo == 1 else None
+    thr = alias_thresholds(tables.alias_prob)
     for pos in range(int((ends - starts).max())):
         seqs = np.flatnonzero(ends - starts > pos)
         t = starts[seqs] + pos
@@ -567,26 +597,18 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
                     need = pick < 0
                     if not need.any():
                         break
-                    u = uniform_np(seed, t, layer, j, _D_POP + attempt) if attempt else pop_field_np(h)
+                    hp = hash_np(seed, t, layer, j, _D_POP + attempt) if attempt or algo == 1 else h
                     if algo == 1:
+                        u = (hp & np.uint64(_POP_MASK)).astype(np.float64) * (1.0 / (1 << _POP_BITS))
                         target = u * sel_mass
                         gm = np.where(group_sel, tables.group_mass[epoch, dom, layer], 0.0)
-                        ends_ = np.cumsum(gm, axis=1)
-                        before = np.concatenate([np.zeros((n, 1)), ends_[:, :-1]], axis=1)
-                        hit = (ends_ > target[:, None]) & group_sel
+                        hit = (np.cumsum(gm, axis=1) > target[:, None]) & group_sel
                         last_sel = n_group - 1 - np.argmax(group_sel[:, ::-1], axis=1)
                         g = np.where(hit.any(axis=1), np.argmax(hit, axis=1), last_sel)
-                        m = gm[np.arange(n), g]
-                        with np.errstate(divide="ignore"):
-                            inv = np.where(m > 0, 1.0 / m, 0.0)
-                        u = np.minimum(np.maximum((target - before[np.arange(n), g]) * inv, 0.0), _BELOW_ONE)
                     else:
                         g = g_lo // group_size
-                    x = u * group_size
-                    i = x.astype(np.int64)
-                    alias_p = tables.alias_prob[epoch, dom, layer, g, i]
-                    alias_i = tables.alias_idx[epoch, dom, layer, g, i]
-                    cand = g * group_size + np.where(x - i >= alias_p, alias_i, i)
+                    cand = g * group_size + alias_bits_np(hp >> np.uint64(_SHIFT_POP), group_size, thr[epoch, dom, layer, g],
+                                                          tables.alias_idx[epoch, dom, layer, g])
                     ok = need & ~taken(cand)
                     pick = np.where(ok, cand, pick)
                 need = pick < 0
@@ -726,8 +748,8 @@ def generate_tokens(profile: RoutingProfile, tokens: int, seed: int = 0, *, impl
         dims = np.array([num_experts, profile.num_layers, domains, epochs, profile.top_k, algo, n_group, profile.topk_group,
                          members.shape[0], tables.successors.shape[2]], dtype=np.int64)
         # ravel: views of the (contiguous) tables, not copies
-        _generate_kernel(np.uint64(seed), dims, tables.cdf.ravel(), tables.group_mass.ravel(), _inverse_mass(tables.group_mass).ravel(),
-                         sub_prob.ravel(), sub_idx.ravel(), members.ravel(), tables.alias_prob.ravel(), tables.alias_idx.ravel(),
+        _generate_kernel(np.uint64(seed), dims, tables.cdf.ravel(), tables.group_mass.ravel(), sub_prob.ravel(), sub_idx.ravel(),
+                         members.ravel(), alias_thresholds(tables.alias_prob).ravel(), tables.alias_idx.ravel(),
                          tables.successors.ravel(), tables.seq_start, tables.seq_domain, profile.drift_interval, tables.locality,
                          tables.affinity, profile.null_rate, profile.dynamic_threshold, ids.reshape(-1),
                          (0,) * (algo + 1), (0,) * (2 if num_experts <= 64 else 1), (0,) * profile.top_k)
