@@ -43,7 +43,8 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 # chain of float operations on every draw. The group selection of a (token, layer) is one 53-bit
 # uniform of slot _GROUP_SLOT (an alias draw over the sets of groups), or, above
 # ``_SUBSET_MAX_GROUPS`` groups, 16-bit fields of the draws of slot _GROUP_SLOT + i // 4. One
-# hash thus serves the common path of a slot, which sets the kernel's speed.
+# hash (two under group limits) thus serves the common path of a slot, which sets the kernel's
+# speed.
 _D_TESTS, _D_NULL, _D_POP = 0, 3, 4
 _SHIFT_LOCAL, _SHIFT_AFFINE, _SHIFT_SUCC, _SHIFT_POP = 0, 16, 32, 40
 _POP_BITS = 24  # bits of each popularity field (group, expert)
