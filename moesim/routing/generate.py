@@ -38,13 +38,14 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 # and the expert of the first popularity attempt (bits 40-63); the null test and the later
 # popularity attempts take a draw of their own (draw _D_POP + attempt). A popularity attempt
 # reads the expert (an alias draw in integers) from bits 40-63 of its hash and, under
-# group-limited routing, the chosen group from bits 0-23, so there the first attempt takes
-# draw _D_POP: two independent fields, where one uniform rescaled after the group pick cost a
-# chain of float operations on every draw. The group selection of a (token, layer) is one 53-bit
+# group-limited routing, the chosen group from bits 0-23: two independent fields, where one
+# uniform rescaled after the group pick cost a chain of float operations on every draw. The
+# first attempt's group field is 16 bits of draw 1 + j // 4 of slot _GROUP_SLOT, shared by
+# four slots (see ``_first_pop_hash``). The group selection of a (token, layer) is one 53-bit
 # uniform of slot _GROUP_SLOT (an alias draw over the sets of groups), or, above
 # ``_SUBSET_MAX_GROUPS`` groups, 16-bit fields of the draws of slot _GROUP_SLOT + i // 4. One
-# hash (two under group limits) thus serves the common path of a slot, which sets the kernel's
-# speed.
+# hash (and a quarter under group limits) thus serves the common path of a slot, which sets
+# the kernel's speed.
 _D_TESTS, _D_NULL, _D_POP = 0, 3, 4
 _SHIFT_LOCAL, _SHIFT_AFFINE, _SHIFT_SUCC, _SHIFT_POP = 0, 16, 32, 40
 _POP_BITS = 24  # bits of each popularity field (group, expert)
@@ -215,6 +216,15 @@ _SEL_PAD = 8
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
+def _first_pop_hash(h, gh, j):
+    """The bits of slot ``j``'s first group-limited popularity attempt: its expert field (bits
+    40-63) from the slot's draw-0 hash ``h``, its group field (bits 0-23) the slot's 16-bit field
+    of the (token, layer)'s group hash ``gh`` (four slots a hash), placed as the top 16 bits."""
+    field = (gh >> np.uint64(16 * (j % 4))) & np.uint64(0xFFFF)
+    return (h & ~np.uint64(_POP_MASK)) | (field << np.uint64(_POP_BITS - 16))
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _alias_bits(bits, n, thr, idx, base):
     """Outcome of the alias table of ``n`` entries at ``thr[base:]`` / ``idx[base:]`` (integer
     thresholds, see ``alias_thresholds``) for a ``_POP_BITS``-bit uniform ``bits``: ``bits * n``
@@ -369,6 +379,7 @@ def _generate_kernel(seed, dims, cdf, gmass, sub_prob, sub_idx, sub_groups, alia
         pre_aff = np.empty(k, dtype=np.bool_)
         hs = np.empty(k, dtype=np.uint64)
         hps = np.empty(k, dtype=np.uint64)
+        ghs = np.empty((k + 3) // 4, dtype=np.uint64)
         dom = seq_domain[s]
         for layer in range(L):
             here_c, below = below, here_c
@@ -428,8 +439,11 @@ def _generate_kernel(seed, dims, cdf, gmass, sub_prob, sub_idx, sub_groups, alia
                 # values in registers (one loop spilled to the stack), 12% faster for DeepSeek-V3.
                 for j in range(k):
                     hs[_u(j)] = _draw_hash(token_key, layer_key, j, _D_TESTS)
+                if algo == 1:
+                    for i in range((k + 3) // 4):
+                        ghs[_u(i)] = _draw_hash(token_key, layer_key, _GROUP_SLOT, 1 + i)
                 for j in range(k):
-                    hps[_u(j)] = _draw_hash(token_key, layer_key, j, _D_POP) if algo == 1 else hs[_u(j)]
+                    hps[_u(j)] = _first_pop_hash(hs[_u(j)], ghs[_u(j // 4)], j) if algo == 1 else hs[_u(j)]
                 for j in range(k):
                     if algo == 2:
                         g_fix = j // per_group
@@ -598,7 +612,12 @@ def _reference(profile: RoutingProfile, tables: Tables, seed: int, tokens: int) 
                     need = pick < 0
                     if not need.any():
                         break
-                    hp = hash_np(seed, t, layer, j, _D_POP + attempt) if attempt or algo == 1 else h
+                    if attempt:
+                        hp = hash_np(seed, t, layer, j, _D_POP + attempt)
+                    elif algo == 1:
+                        hp = _first_pop_hash(h, hash_np(seed, t, layer, _GROUP_SLOT, 1 + j // 4), j)
+                    else:
+                        hp = h
                     if algo == 1:
                         u = (hp & np.uint64(_POP_MASK)).astype(np.float64) * (1.0 / (1 << _POP_BITS))
                         target = u * sel_mass
