@@ -56,6 +56,14 @@ ALGORITHM_CODES = {"token_choice": 0, "group_limited": 1, "grouped": 2, "dynamic
 
 
 @numba.njit(inline="always", cache=True, error_model="numpy")
+def _fixed_group(j, per_group, group_size):
+    """Grouped experts (MoGE): slot ``j``'s group and its expert range ``[lo, hi)``."""
+    g = j // per_group
+    lo = g * group_size
+    return g, lo, lo + group_size
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
 def _hash(seed, token, layer, slot, draw):
     key = (np.uint64(layer) * np.uint64(256) + np.uint64(slot)) * np.uint64(256) + np.uint64(draw)
     x = np.uint64(seed) * _GOLDEN ^ np.uint64(token) * _MIX1 ^ key * _MIX2
@@ -451,9 +459,7 @@ def _generate_kernel(seed, dims, cdf, gmass, sub_prob, sub_idx, sub_groups, alia
                                                        alias_idx, row_e)
                 for j in range(k):
                     if algo == 2:
-                        g_fix = j // per_group
-                        g_lo = g_fix * group_size
-                        g_hi = g_lo + group_size
+                        g_fix, g_lo, g_hi = _fixed_group(j, per_group, group_size)
                     h = hs[_u(j)]
                     c_loc = here_c[_u(back + j)] if back >= 0 else -1  # temporal locality
                     cand_loc[_u(j)] = c_loc
@@ -461,9 +467,7 @@ def _generate_kernel(seed, dims, cdf, gmass, sub_prob, sub_idx, sub_groups, alia
                                       & _allowed(max(c_loc, 0), small, gmask, group_at, group_of, stamp, algo, g_lo, g_hi))
                 for j in range(k):
                     if algo == 2:
-                        g_fix = j // per_group
-                        g_lo = g_fix * group_size
-                        g_hi = g_lo + group_size
+                        g_fix, g_lo, g_hi = _fixed_group(j, per_group, group_size)
                     h = hs[_u(j)]
                     up = below[_u(here + j)]  # cross-layer affinity; layer 0: the buffer's -1 (its affinity is 0)
                     c_aff = np.int64(successors[_u((succ_row + max(up, 0)) * fan
@@ -473,9 +477,7 @@ def _generate_kernel(seed, dims, cdf, gmass, sub_prob, sub_idx, sub_groups, alia
                                       & _allowed(c_aff, small, gmask, group_at, group_of, stamp, algo, g_lo, g_hi))
                 for j in range(k):
                     if algo == 2:
-                        g_fix = j // per_group
-                        g_lo = g_fix * group_size
-                        g_hi = g_lo + group_size
+                        g_fix, g_lo, g_hi = _fixed_group(j, per_group, group_size)
                     # the first candidate that may be taken is selected without a branch: the
                     # locality and affinity tests are coin flips, mispredicted as branches
                     c_loc = cand_loc[_u(j)]
