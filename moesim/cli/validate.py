@@ -15,10 +15,11 @@ from moesim.cli.output import console, emit_json, table
 from moesim.errors import InputError
 from moesim.files import atomic_write
 from moesim.report import validation as figures
-from moesim.validate import calibrate
+from moesim.models import load_model
+from moesim.validate import calibrate, nccl_tests, vllm_moe
 from moesim.validate.compare import Cases, predict, summarise
 from moesim.validate.replay import format_replay, replay
-from moesim.validate.tables import FAMILIES, read_folder
+from moesim.validate.tables import FAMILIES, Table, read_folder
 
 BEGIN = "<!-- moesim validate: begin -->"
 END = "<!-- moesim validate: end -->"
@@ -31,15 +32,27 @@ def register(sub, formatter) -> None:
         help="compare the cost model with measured timings; calibrate a device profile",
         description="Predict every row of a folder of measured tables (aiconfigurator's schema: moe, gemm, attention, "
                     "mla, nccl, DeepEP) with the cost model, on the test split (whole shapes held out by a hash), and "
-                    "print the median and p90 absolute error per operator family and regime. --fit first fits the "
+                    "print the median and p90 absolute error per operator family and regime. Output files of "
+                    "nccl-tests (--nccl-tests) and of vLLM's benchmark_moe.py (--benchmark-moe) are read as nccl and moe "
+                    "rows and compared whole (no profile was fitted on them; with --fit they are split like the tables). --fit first fits the "
                     "device's efficiency figures on the calibration split and writes the calibrated profile.",
         epilog="examples:\n"
                "  moesim validate --measured ../shared/data/aiconfigurator/h100_sxm --device h100-sxm\n"
                "  moesim validate --measured DIR --device h100-sxm --fit --out validation/out\n"
                "  moesim validate --measured DIR --device h200-sxm --efficiency-from h100-sxm\n"
-               "  moesim validate --measured DIR --device h100-sxm --markdown docs/validation.md",
+               "  moesim validate --measured DIR --device h100-sxm --markdown docs/validation.md\n"
+               "  moesim validate --nccl-tests all_reduce_perf.txt all_gather.json --device h100-sxm\n"
+               "  moesim validate --benchmark-moe mixtral_tp2.log --moe-shape mixtral-8x7b --device h100-sxm",
     )
     p.add_argument("--measured", metavar="DIR", help="folder of measured tables (.csv.gz / .csv / .parquet)")
+    p.add_argument("--nccl-tests", nargs="+", default=[], metavar="FILE", help="nccl-tests output (printed text or -J "
+                   "JSON) of all_reduce_perf, all_gather_perf, reduce_scatter_perf or alltoall_perf, compared as nccl rows")
+    p.add_argument("--gpus", type=int, metavar="N", help="GPU count of the --nccl-tests runs (default: the '#  Rank' "
+                   "lines / the JSON's device list)")
+    p.add_argument("--benchmark-moe", nargs="+", default=[], metavar="FILE", help="printed output of vLLM's "
+                   "benchmarks/kernels/benchmark_moe.py, compared as moe rows (routing 'random': top-k of Gaussian logits)")
+    p.add_argument("--moe-shape", metavar="SHAPE", help="the --benchmark-moe model's HIDDEN,INTER,TOPK,EXPERTS (INTER: "
+                   "one expert's full intermediate size), or a model preset / config.json to take them from")
     p.add_argument("--replay", metavar="TRACE", help="instead: replay a collect_moe.py torch.profiler trace (moe_cases.json "
                    "beside it) and compare each MoE layer's measured time with the cost model's")
     p.add_argument("--device", required=True, help="device profile name, or a profile YAML file")
@@ -67,6 +80,35 @@ def _families(only: str | None) -> set[str] | None:
     if unknown:
         raise InputError(f"unknown table family {unknown[0]!r}; expected some of {', '.join(sorted(known))}", field="--only")
     return names
+
+
+def _moe_shape(spec: str | None) -> dict[str, int]:
+    """--moe-shape as benchmark_moe rows need it: four numbers, or a model's routed-expert block."""
+    if not spec:
+        raise InputError("benchmark_moe.py does not print the model's shape: give --moe-shape HIDDEN,INTER,TOPK,EXPERTS "
+                         "or a model preset", field="--moe-shape")
+    keys = ("hidden_size", "inter_size", "topk", "num_experts")
+    parts = spec.split(",")
+    if len(parts) > 1:
+        if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise InputError(f"expected four positive whole numbers HIDDEN,INTER,TOPK,EXPERTS, got {spec!r}",
+                             field="--moe-shape")
+        return dict(zip(keys, map(int, parts)))
+    arch = load_model(spec)
+    if arch.moe is None:
+        raise InputError(f"{arch.name} has no routed experts", field="--moe-shape")
+    return dict(zip(keys, (arch.hidden, arch.moe.expert_inter, arch.moe.top_k, arch.moe.num_experts)))
+
+
+def _measurement_files(args: argparse.Namespace) -> list[Table]:
+    """The --nccl-tests and --benchmark-moe files as tables of the nccl and moe families."""
+    if args.gpus is not None and args.gpus < 1:
+        raise InputError(f"expected a positive GPU count, got {args.gpus}", field="--gpus")
+    out = [nccl_tests.read_table(path, num_gpus=args.gpus) for path in args.nccl_tests]
+    if args.benchmark_moe:
+        shape = _moe_shape(args.moe_shape)
+        out += [vllm_moe.read_table(path, **shape) for path in args.benchmark_moe]
+    return out
 
 
 def _series(cases: list[Cases]) -> dict[str, tuple]:
@@ -107,12 +149,16 @@ def _replay(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.replay:
         return _replay(args)
-    if not args.measured:
-        raise InputError("give --measured DIR (or --replay TRACE.json)", field="--measured")
+    if not (args.measured or args.nccl_tests or args.benchmark_moe):
+        raise InputError("give --measured DIR, --nccl-tests FILE, --benchmark-moe FILE (or --replay TRACE.json)",
+                         field="--measured")
     wanted = _families(args.only)
-    tables = [t for t in read_folder(args.measured) if t.family.name in wanted]
+    folder = [t for t in read_folder(args.measured) if t.family.name in wanted] if args.measured else []
+    files = [t for t in _measurement_files(args) if t.family.name in wanted]
+    tables = folder + files
+    sources = ([str(args.measured)] if args.measured else []) + [str(t.path) for t in files]
     if not tables:
-        raise InputError("no table of the families asked for in this folder", source=args.measured)
+        raise InputError("no table of the families asked for", source=", ".join(sources) or None, field="--only")
     device = calibrate.load_device(args.device)
     if not hasattr(device, "efficiency") or getattr(device, "kind", "") not in ("gpu", "npu"):
         raise InputError(f"{device.name} is not an accelerator; expected a GPU or NPU profile", field="--device")
@@ -122,20 +168,31 @@ def run(args: argparse.Namespace) -> int:
         device = device.model_copy(update={"efficiency": donor.efficiency, "launch_overhead": donor.launch_overhead})
     if args.fit and not args.out:
         raise InputError("--fit writes the calibrated profile: give --out DIR", field="--fit")
-    splits = [calibrate.split(t, args.test_fraction) for t in tables]
+    # The shipped profiles were fitted on the calibration split of the aiconfigurator tables, so
+    # only their held-out shapes test them; the user's own nccl-tests / benchmark_moe runs were
+    # never fitted on and are compared whole, unless --fit is about to fit on part of them.
+    splits = [calibrate.split(t, args.test_fraction) for t in folder]
+    splits += [calibrate.split(t, args.test_fraction) if args.fit else (t.take(np.arange(0)), t) for t in files]
     tests = [calibrate.sample(test, args.sample) for _, test in splits]
     measured_on = sorted({t.device for t in tables if t.device})
     quiet = args.json
     say = (lambda *a: None) if quiet else (lambda text: console.print(text))
 
+    held_out = sum(len(t) for t in tests[:len(folder)])
+    compared = f"test split: {sum(len(t) for t in tests)} rows of held-out shapes"
+    scope = "test split"
+    if files and not args.fit:
+        scope = "test split and measurement files" if folder else "measurement files"
+        compared = (f"compared: {held_out} rows of held-out shapes of the tables and " if folder else "compared: ") + \
+            f"all {sum(len(t) for t in files)} rows of the nccl-tests / benchmark_moe files"
     say(f"{sum(len(t) for t in tables)} measured rows in {len(tables)} tables ({', '.join(measured_on) or 'device not named'}); "
-        f"test split: {sum(len(t) for t in tests)} rows of held-out shapes")
+        f"{compared}")
     if not any(len(t) for t in tests):
         raise InputError(f"the test split is empty (too few shapes for --test-fraction {args.test_fraction})",
-                         source=args.measured)
+                         source=", ".join(sources))
     cases = predict(tests, device, cluster=args.cluster)
     summary = summarise(cases)
-    result = {"measured": str(args.measured), "measured_on": measured_on, "device": device.name,
+    result = {"measured": ", ".join(sources), "measured_on": measured_on, "device": device.name,
               "efficiency_from": args.efficiency_from, "test_fraction": args.test_fraction,
               "profile": {"name": "current" if not args.efficiency_from else f"efficiency of {args.efficiency_from}",
                           "errors": [s.to_dict() for s in summary]}}
@@ -152,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
         before, after = calibrate.loss_of(summary), calibrate.loss_of(fitted_summary)
         better = after < before
         profile = Path(args.out) / f"{base.name}-calibrated.yaml"
-        source = {"folder": str(args.measured), "commit": calibrate.shared_commit(Path(args.measured)),
+        source = {"folder": ", ".join(sources),
+                  "commit": calibrate.shared_commit(Path(args.measured)) if args.measured else "",
                   "test_fraction": args.test_fraction, **record,
                   "test_errors": [f"{s.family}: median {s.median:.1%}, p90 {s.p90:.1%} (before {h.median:.1%}, {h.p90:.1%})"
                                   for s, h in zip(fitted_summary, summary) if s.regime == "all"]}
@@ -164,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
     else:
-        _print(f"{result['profile']['name']} profile of {device.name}: |predicted - measured| / measured, test split",
+        _print(f"{result['profile']['name']} profile of {device.name}: |predicted - measured| / measured, {scope}",
                result["profile"]["errors"])
         if args.fit:
             fit = result["fit"]

@@ -1,4 +1,4 @@
-"""Tokens per expert for one MoE layer: balanced, power-law, or read from a trace.
+"""Tokens per expert for one MoE layer: balanced, power-law, random top-k, or read from a trace.
 
 These are the count-level distributions the cost model takes (``tokens_per_expert``: an int64
 array of length ``num_experts`` summing to ``tokens * top_k``, no expert above ``tokens``).
@@ -138,6 +138,18 @@ def power_law_counts(
     if heaviest:
         per_rank[[0, heaviest]] = per_rank[[heaviest, 0]]
     return per_rank.reshape(-1)
+
+
+def random_topk_counts(tokens: int, num_experts: int, top_k: int, rng: np.random.Generator) -> np.ndarray:
+    """Tokens per expert when every token's ``top_k`` experts are the largest of i.i.d. Gaussian
+    logits (vLLM benchmark_moe.py's routing: balanced on average, a multinomial-like spread in
+    any one batch). Top-k of i.i.d. continuous logits is a uniformly random k-subset, drawn
+    here from uniform keys, which has the same law."""
+    if not 0 < top_k <= num_experts:
+        raise InputError(f"top-k {top_k} must be between 1 and the {num_experts} experts it routes over")
+    keys = rng.random((tokens, num_experts))
+    chosen = np.argpartition(keys, top_k - 1, axis=1)[:, :top_k]
+    return np.bincount(chosen.ravel(), minlength=num_experts).astype(np.int64)
 
 
 def counts_from_trace(path: str | Path, num_experts: int, *, layer: int | None = None) -> np.ndarray:

@@ -8,7 +8,8 @@ shape (:data:`PREDICTORS`). Conventions that matter for a like-for-like comparis
   batch; ``power_law_<alpha>`` rows use :func:`moesim.routing.counts.power_law_counts`, which
   follows the collector's procedure (heaviest EP rank placed at rank 0, whose latency the table
   holds). The table's own random draw is not recorded, so the prediction is the mean over a few
-  draws.
+  draws; so are ``random`` rows (vLLM benchmark_moe.py's top-k of Gaussian logits, see
+  :func:`moe_counts`).
 - nccl ``message_size`` is in elements (2 bytes for ``half``, 1 for ``int8``) and is nccl-tests'
   ``size``: the gathered output of all-gather, the input of reduce-scatter, the whole per-rank
   buffer of all-to-all.
@@ -33,7 +34,8 @@ from moesim.cost.moe import moe_layer_time
 from moesim.errors import InputError
 from moesim.hardware import catalog
 from moesim.hardware.topology import accelerators, topology
-from moesim.routing.counts import balanced_counts, power_law_counts
+from moesim.routing.counts import balanced_counts, power_law_counts, random_topk_counts
+from moesim.validate.nccl_tests import COLLECTIVES, TYPE_BYTES
 from moesim.validate.tables import Table
 
 # Median / p90 absolute percentage error the issue sets per family on the test split.
@@ -48,7 +50,8 @@ TARGETS = {
 _MLA = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128}
 # One fp32 scale per 128 fp8 elements (DeepEP low-latency fp8 dispatch).
 _FP8_SCALE_BYTES = 4 / 128
-_NCCL_ELEMENT_BYTES = {"half": 2, "float16": 2, "bfloat16": 2, "int8": 1, "float": 4, "float32": 4}
+# nccl_dtype: nccl-tests' type names, and the torch names aiconfigurator's collector writes.
+_NCCL_ELEMENT_BYTES = {**TYPE_BYTES, "float16": 2, "float32": 4}
 
 
 @dataclass
@@ -83,7 +86,7 @@ def _texts(table: Table, name: str) -> np.ndarray:
 
 
 def _moe_regime(distribution: str, ep: int, tp: int) -> str:
-    routing = "balanced" if distribution in ("balanced", "uniform") else "power-law"
+    routing = {"balanced": "balanced", "uniform": "balanced", "random": "random"}.get(distribution, "power-law")
     if tp > 1:
         return f"{routing}, expert TP>1"
     return f"{routing}, EP{ep}" if ep in (1, 8) else f"{routing}, EP other"
@@ -93,14 +96,25 @@ def _alpha(distribution: str, source: str) -> float:
     try:
         return float(distribution.removeprefix("power_law_"))
     except ValueError:
-        raise InputError(f"unknown distribution {distribution!r}: expected balanced or power_law_<alpha>",
+        raise InputError(f"unknown distribution {distribution!r}: expected balanced, random or power_law_<alpha>",
                          source=source) from None
 
 
 def moe_counts(distribution: str, tokens: int, experts: int, top_k: int, ep: int, draw: int, source: str = "") -> np.ndarray:
-    """Tokens per expert of one measured row's routing (``draw`` seeds a power-law draw)."""
+    """Tokens per expert of one measured row's routing (``draw`` seeds a random draw).
+
+    ``random`` is vLLM benchmark_moe.py's routing: each token's experts are the top-k of
+    i.i.d. Gaussian logits over the ``experts / ep`` experts of EP rank 0 (the benchmark's
+    expert-parallel mode routes every token among its own rank's experts), drawn with
+    :func:`moesim.routing.counts.random_topk_counts` from seed ``draw``; the other ranks'
+    experts get none."""
     if distribution in ("balanced", "uniform"):
         return balanced_counts(tokens, experts, top_k)
+    if distribution == "random":
+        if experts % ep:
+            raise InputError(f"EP {ep} does not divide {experts} experts", source=source, field="moe_ep_size")
+        local = random_topk_counts(tokens, experts // ep, top_k, np.random.default_rng(draw))
+        return np.concatenate([local, np.zeros(experts - local.size, dtype=np.int64)])
     return power_law_counts(tokens, experts, top_k, _alpha(distribution, source), ep=ep, rng=np.random.default_rng(draw))
 
 
@@ -213,7 +227,8 @@ def predict_mla_decode(table: Table, device, graph=None, **_) -> list[Cases]:
 def _group(graph, ranks: int, source: str) -> list[str]:
     members = accelerators(graph)
     if ranks > len(members):
-        raise InputError(f"the table has {ranks}-GPU rows; the cluster has {len(members)} accelerators", source=source)
+        raise InputError(f"the table has {ranks}-GPU rows; the cluster has {len(members)} accelerators (name a larger one "
+                         "with --cluster)", source=source)
     return members[:ranks]
 
 
@@ -228,8 +243,7 @@ def _collective(graph, op: str, ranks: int, nbytes: float, source: str, device=N
         return reduce_scatter_time(graph, group, nbytes, device=device).time
     if op in ("alltoall", "all_to_all"):
         return all_to_all_time(graph, group, uniform_matrix(ranks, nbytes), kernel="nccl", device=device).time
-    raise InputError(f"unknown collective {op!r}: expected all_reduce, all_gather, reduce_scatter or alltoall",
-                     source=source)
+    raise InputError(f"unknown collective {op!r}: expected {', '.join(COLLECTIVES)}", source=source)
 
 
 def predict_nccl(table: Table, device, graph=None, **_) -> list[Cases]:

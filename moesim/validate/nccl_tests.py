@@ -20,7 +20,8 @@ JSON: ``{"version", "args", "config": {..., "devices": [...]}, "results": [{"siz
 
 :func:`table_rows` turns a run into rows of the aiconfigurator NCCL table (``op_name``,
 ``nccl_dtype``, ``num_gpus``, ``message_size`` in ELEMENTS, ``latency`` in ms), the columns
-``moesim.validate`` compares with the cost model.
+``moesim.validate`` compares with the cost model; :func:`read_table` reads a file straight
+into such a table (what ``moesim validate --nccl-tests`` does).
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ from pathlib import Path
 
 from moesim.errors import InputError
 from moesim.files import load_json, read_text
+from moesim.validate.tables import Table, table_from_rows
 
 # Bytes per element of the type names nccl-tests prints (src/common.cu test_typenames).
 TYPE_BYTES = {"int8": 1, "uint8": 1, "char": 1, "int32": 4, "uint32": 4, "int": 4, "int64": 8, "uint64": 8,
               "half": 2, "float": 4, "double": 8, "bfloat16": 2, "f8e4m3": 1, "f8e5m2": 1}
 _GROUP = ("time", "algbw", "busbw", "wrong")
+# The collectives moesim's cost model prices, by their program names (all_reduce_perf ...).
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "alltoall")
 
 
 @dataclass(frozen=True)
@@ -225,3 +229,29 @@ def table_rows(run: NcclRun, *, placement: str = "out_of_place", num_gpus: int |
         out.append({"op_name": run.op_name, "nccl_dtype": row.type, "num_gpus": gpus,
                     "message_size": row.size // TYPE_BYTES[row.type], "latency": timing.time_us / 1e3})
     return out
+
+
+def read_table(path: str | Path, *, num_gpus: int | None = None, placement: str = "out_of_place") -> Table:
+    """An nccl-tests output file (text or ``-J`` JSON) as a table of the ``nccl`` family.
+
+    The collective comes from the output (``Collective test starting``, or the program in the
+    JSON's ``args``), else from a file name starting ``<collective>_perf`` (the program's
+    name); ``num_gpus`` overrides the GPU count the output gives (one ``#  Rank`` line per
+    GPU; the JSON's device list)."""
+    path = Path(path)
+    run = read_nccl_tests(path)
+    if not run.op_name and (found := re.match(r"(\w+?)_perf", path.name)):
+        run.op_name = found.group(1)
+    if not run.op_name:
+        raise InputError("the output does not name the collective (nccl-tests before 2.14); name the file after the "
+                         "program, e.g. all_reduce_perf.txt", source=str(path), field="collective")
+    if run.op_name not in COLLECTIVES:
+        raise InputError(f"collective {run.op_name!r} has no cost model; expected one of {', '.join(COLLECTIVES)}",
+                         source=str(path), field="collective")
+    if not (num_gpus or run.num_gpus):
+        raise InputError("the output does not give the GPU count (no '#  Rank' lines); give --gpus N", source=str(path),
+                         field="num_gpus")
+    rows = table_rows(run, placement=placement, num_gpus=num_gpus)
+    if not rows:
+        raise InputError(f"no {placement.replace('_', '-')} timings in the output", source=str(path))
+    return table_from_rows(rows, "nccl", path)

@@ -206,16 +206,38 @@ def read_table(path: str | Path, *, family: str | None = None, constants: dict[s
         if spec is None:
             raise InputError("not a known measured table: expected a name with one of "
                              f"{', '.join(f.keyword for f in FAMILIES)} and its columns", source=str(path))
-    table = Table(name, spec, path, {k: _number_or_text(v) for k, v in raw.items()}, constants)
-    for quantity, (column, scale) in spec.times.items():
+    return _timed(Table(name, spec, path, {k: _number_or_text(v) for k, v in raw.items()}, constants),
+                  lambda row: f"line {row + 2}")
+
+
+def _timed(table: Table, where) -> Table:
+    """``table`` with its measured quantities in seconds, after checking they are positive
+    numbers; ``where(row index)`` names a bad row for the error."""
+    for quantity, (column, scale) in table.family.times.items():
         values = table.get(column)
         if values.dtype.kind != "f":
-            raise InputError(f"column {column!r} must hold numbers", source=str(path))
-        if len(values) and not (np.isfinite(values).all() and (values > 0).all()):
-            raise InputError(f"column {column!r} must hold positive times", source=str(path),
-                             field=f"line {int(np.flatnonzero(~(values > 0))[0]) + 2}")
+            raise InputError(f"column {column!r} must hold numbers", source=str(table.path))
+        bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+        if bad.size:
+            raise InputError(f"column {column!r} must hold positive times", source=str(table.path),
+                             field=where(int(bad[0])))
         table.seconds[quantity] = values * scale
     return table
+
+
+def table_from_rows(rows: list[dict], family: str, path: str | Path) -> Table:
+    """A table of ``family`` from rows already in its schema (each a dict of column -> value),
+    e.g. those the nccl-tests and benchmark_moe readers make from ``path``; every row must hold
+    the family's columns."""
+    path = Path(path)
+    spec = _BY_NAME[family]
+    if not rows:
+        raise InputError("no measured rows", source=str(path))
+    missing = [c for c in spec.columns if c not in rows[0]]
+    if missing:
+        raise InputError(f"a {family} table needs column(s) {', '.join(missing)}", source=str(path))
+    columns = {name: _number_or_text([str(r[name]) for r in rows]) for name in rows[0]}
+    return _timed(Table(path.name, spec, path, columns), lambda row: f"row {row + 1}")
 
 
 def read_folder(folder: str | Path) -> list[Table]:

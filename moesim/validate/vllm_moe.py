@@ -28,6 +28,7 @@ from pathlib import Path
 
 from moesim.errors import InputError
 from moesim.files import load_json, read_text
+from moesim.validate.tables import Table, table_from_rows
 
 _CONFIG_NAME = re.compile(r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+?)"
                           r"(?:,dtype=(?P<dtype>[^,]+?))?(?:,block_shape=\[(?P<bn>\d+),(?P<bk>\d+)\])?\.json$")
@@ -168,3 +169,19 @@ def moe_rows(run: BenchmarkRun, *, hidden_size: int, inter_size: int, topk: int,
              "hidden_size": hidden_size, "inter_size": inter_size, "topk": topk, "num_experts": num_experts,
              "moe_tp_size": 1 if ep else tp, "moe_ep_size": tp if ep else 1, "distribution": "random",
              "latency": t.kernel_time_us / 1e3} for t in run.times]
+
+
+def read_table(path: str | Path, *, hidden_size: int, inter_size: int, topk: int, num_experts: int) -> Table:
+    """A file of benchmark_moe.py's printed output as a table of the ``moe`` family (the
+    model's shape given, as :func:`moe_rows` takes it); what ``moesim validate
+    --benchmark-moe`` reads."""
+    run = read_benchmark_output(path)
+    rows = moe_rows(run, hidden_size=hidden_size, inter_size=inter_size, topk=topk, num_experts=num_experts)
+    tp = rows[0]["moe_tp_size"] * rows[0]["moe_ep_size"]
+    if num_experts % rows[0]["moe_ep_size"] or inter_size % rows[0]["moe_tp_size"]:
+        raise InputError(f"tp_size {tp} does not divide the shape's {num_experts} experts / {inter_size} intermediate "
+                         "size (wrong --moe-shape?)", source=str(path), field="tp_size")
+    if topk > num_experts // rows[0]["moe_ep_size"]:
+        raise InputError(f"top-k {topk} is more than the {num_experts // rows[0]['moe_ep_size']} experts of one rank",
+                         source=str(path), field="topk")
+    return table_from_rows(rows, "moe", path)
