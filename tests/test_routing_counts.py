@@ -101,3 +101,22 @@ def test_corrupt_and_mismatched_traces_are_clear_errors(tmp_path):
     save_trace(wrong, Trace(num_experts=16, counts=np.ones((3, 2, 16))))
     with pytest.raises(InputError, match="16 experts"):
         C.counts_from_trace(wrong, 8)
+
+
+def test_random_topk_counts_every_token_k_distinct_experts_same_seed_same_counts():
+    counts = C.random_topk_counts(1000, 8, 2, np.random.default_rng(3))
+    assert counts.sum() == 2000 and counts.max() <= 1000
+    assert np.array_equal(counts, C.random_topk_counts(1000, 8, 2, np.random.default_rng(3)))
+    # balanced on average, not in one batch: each expert's count is Binomial(1000, 1/4), sd 13.7
+    assert np.all(np.abs(counts - 250) < 6 * 13.7) and counts.std() > 0
+    assert np.array_equal(C.random_topk_counts(5, 4, 4, np.random.default_rng(0)), [5, 5, 5, 5])
+    with pytest.raises(InputError, match="top-k 3"):
+        C.random_topk_counts(5, 2, 3, np.random.default_rng(0))
+
+
+def test_random_routing_of_benchmark_moe_rows_fills_rank_0_only():
+    from moesim.validate.compare import moe_counts
+
+    counts = moe_counts("random", 64, 16, 2, 4, draw=1)
+    assert counts.sum() == 128 and counts[4:].sum() == 0
+    assert np.array_equal(counts, moe_counts("random", 64, 16, 2, 4, draw=1))

@@ -158,6 +158,47 @@ def test_fit_recovers_known_efficiency_from_rows_the_cost_model_made(tmp_path):
 
 # -- command ---------------------------------------------------------------------------------
 
+def test_cli_fit_writes_calibrated_profile_and_errors_atomically(tmp_path, capsys, monkeypatch):
+    """--fit on a small table the cost model made with a lower bf16 compute efficiency than the
+    profile's: the calibrated profile and errors.json go through atomic_write, the record lists
+    every fitted figure before and after, and the profile loads back."""
+    from moesim.cli import validate as command
+
+    base = catalog.device("h100-sxm")
+    truth = calibrate.with_values(base, {("efficiency", "compute", "bf16"): 0.5})
+    shapes = [(m, n, k) for m in (1, 64, 1024, 4096) for n in (1024, 2048, 4096, 14336) for k in (1024, 4096, 7168)]
+    folder = tmp_path / "measured"
+    folder.mkdir()
+    _write(folder / "gemm_vllm_0.19.0_gemm_perf.csv", ["gemm_dtype", "m", "n", "k", "latency"], _gemm_rows(truth, shapes))
+    written = []
+
+    def recording(path, data):
+        written.append(Path(path).name)
+        return atomic_write(path, data)
+
+    atomic_write = command.atomic_write
+    monkeypatch.setattr(command, "atomic_write", recording)
+    monkeypatch.setattr(calibrate, "atomic_write", recording)
+    out = tmp_path / "out"
+    assert main(["validate", "--measured", str(folder), "--device", "h100-sxm", "--fit", "--only", "gemm",
+                 "--fit-sample", "50", "--sample", "50", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    fit = result["fit"]
+    assert {"h100-sxm-calibrated.yaml", "errors.json"} <= set(written)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert json.loads((out / "errors.json").read_text())["fit"]["figures"] == fit["figures"]
+    compute = fit["figures"]["efficiency.compute.bf16"]
+    assert compute["before"] == base.efficiency.compute["bf16"] and compute["after"] == pytest.approx(0.5, rel=0.05)
+    assert all(set(v) == {"before", "after"} for v in fit["figures"].values())
+    assert fit["loss_after"] < fit["loss_before"] and fit["fitted_is_better"]
+    assert sum(fit["rows"].values()) <= 50
+    profile = calibrate.load_device(fit["profile_path"])
+    assert profile.efficiency.compute["bf16"] == pytest.approx(0.5, rel=0.05)
+    gemm = next(e for e in fit["errors"] if e["family"] == "GEMM" and e["regime"] == "all")
+    assert gemm["rows"] <= 50 and gemm["median_ape"] < 0.02
+
+
+
 def test_cli_bad_folder_and_unknown_device_exit_2(tmp_path, folder, capsys):
     assert main(["validate", "--measured", str(tmp_path / "nope"), "--device", "h100-sxm"]) == 2
     assert "not a folder" in capsys.readouterr().err

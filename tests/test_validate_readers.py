@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sqlite3
 
 import numpy as np
 import pytest
 
+from moesim.cli import main
 from moesim.errors import InputError
 from moesim.validate import kineto, nccl_tests, nsys, vllm_moe
 from moesim.validate.busy import busy_time, merge_intervals
@@ -78,7 +80,8 @@ def test_nccl_text_older_layout_and_no_check(tmp_path):
     assert nccl_tests.table_rows(run)[1]["message_size"] == 4
 
 
-def test_nccl_json(tmp_path):
+def _nccl_json_report():
+    """An alltoall_perf -J report of two sizes over 8 GPUs."""
     sizes = [1048576, 2097152]
     results = [{"size": s, "count": s // 2, "type": "half", "redop": "none", "root": "    -1",
                 "out_of_place": {"time": 30.5 + i, "alg_bw": s / (30.5 + i) / 1e3, "bus_bw": s / (30.5 + i) / 1e3 * 7 / 8, "nwrong": 0.0},
@@ -93,8 +96,12 @@ def test_nccl_json(tmp_path):
                                       "device_info": "NVIDIA H100 80GB HBM3"} for r in range(8)]},
               "results": results, "out_of_bounds": {"count": 0, "okay": "true"},
               "average_bus_bandwidth": {"bandwidth": 30.1, "okay": "unchecked"}, "errors": [], "end_time": "2025-06-01 10:00:05"}
+    return report
+
+
+def test_nccl_json(tmp_path):
     path = tmp_path / "a2a.json"
-    path.write_text(json.dumps(report))
+    path.write_text(json.dumps(_nccl_json_report()))
     run = nccl_tests.read_nccl_tests(path)
     assert run.op_name == "alltoall" and run.num_gpus == 8 and run.rows[0].root == -1
     assert nccl_tests.table_rows(run) == [
@@ -339,3 +346,72 @@ def test_vllm_corrupt(tmp_path):
     cut.write_text(json.dumps({"1": {"BLOCK_SIZE_M": 16}}))
     with pytest.raises(InputError, match=r"1: expected a config with BLOCK_SIZE_M"):
         vllm_moe.read_tuned_configs(cut)
+
+
+# --------------------------------------------------------------------------------------------
+# the readers through `moesim validate`
+
+
+def _errors(capsys, *args) -> dict[tuple[str, str], dict]:
+    assert main(["validate", *args, "--device", "h100-sxm", "--json"]) == 0
+    return {(e["family"], e["regime"]): e for e in json.loads(capsys.readouterr().out)["profile"]["errors"]}
+
+
+def test_cli_nccl_tests_text_and_json_are_nccl_rows(tmp_path, capsys):
+    text, report = tmp_path / "all_reduce.txt", tmp_path / "a2a.json"
+    text.write_text(_nccl_text())
+    report.write_text(json.dumps(_nccl_json_report()))
+    errors = _errors(capsys, "--nccl-tests", str(text), str(report))
+    # every row compared (no profile was fitted on them), none held out
+    assert errors["NCCL", "all"]["rows"] == 5
+    assert errors["NCCL", "all_reduce, 8 GPUs"]["rows"] == 3 and errors["NCCL", "all_to_all, 8 GPUs"]["rows"] == 2
+    assert 0 < errors["NCCL", "all"]["median_ape"] < 1  # these made-up timings are within 2x of the model
+    # --gpus overrides the count the output gives; the printed table names the family and rows
+    assert main(["validate", "--nccl-tests", str(text), "--gpus", "4", "--device", "h100-sxm"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert "compared: all 3 rows of the nccl-tests / benchmark_moe files" in out
+    assert re.search(r"NCCL │ all │ 3 │ .* all_reduce, 4 GPUs │ 3 │", out), out
+
+
+def test_cli_benchmark_moe_output_is_moe_rows(tmp_path, capsys):
+    path = tmp_path / "benchmark_moe.log"
+    path.write_text(_BENCH_OUT)
+    errors = _errors(capsys, "--benchmark-moe", str(path), "--moe-shape", "4096,14336,2,8")
+    assert errors["MoE layer", "all"]["rows"] == 2 and errors["MoE layer", "random, expert TP>1"]["rows"] == 2
+    # a model preset gives the same shape (Mixtral-8x7B: hidden 4096, expert 14336, top-2 of 8)
+    assert _errors(capsys, "--benchmark-moe", str(path), "--moe-shape", "mixtral-8x7b") == errors
+    expert_parallel = tmp_path / "ep.log"
+    expert_parallel.write_text(_BENCH_OUT.replace("enable_expert_parallel=False", "enable_expert_parallel=True"))
+    errors = _errors(capsys, "--benchmark-moe", str(expert_parallel), "--moe-shape", "mixtral-8x7b")
+    assert errors["MoE layer", "random, EP other"]["rows"] == 2
+
+
+@pytest.mark.parametrize("case, message", [
+    ("broadcast", r"broadcast_perf.txt: collective: collective 'broadcast' has no cost model"),
+    ("no gpus", r"no_gpus.txt: num_gpus: the output does not give the GPU count .* give --gpus N"),
+    ("no collective", r"no_collective.txt: collective: the output does not name the collective"),
+    ("no shape", r"--moe-shape: benchmark_moe.py does not print the model's shape"),
+    ("bad shape", r"--moe-shape: expected four positive whole numbers"),
+    ("shape too small", r"benchmark_moe.log: topk: top-k 9 is more than the 8 experts"),
+])
+def test_cli_bad_measurement_files_exit_2_with_one_line(tmp_path, capsys, case, message):
+    lines = _nccl_text().splitlines()
+    bench = tmp_path / "benchmark_moe.log"
+    bench.write_text(_BENCH_OUT)
+    args = {
+        "broadcast": ("broadcast_perf.txt", _nccl_text(op="broadcast"), []),
+        "no gpus": ("no_gpus.txt", "\n".join(x for x in lines if "Rank" not in x and "nThread" not in x), []),
+        "no collective": ("no_collective.txt", "\n".join(x for x in lines if "Collective test" not in x), []),
+        "no shape": (None, None, ["--benchmark-moe", str(bench)]),
+        "bad shape": (None, None, ["--benchmark-moe", str(bench), "--moe-shape", "4096,14336,2"]),
+        "shape too small": (None, None, ["--benchmark-moe", str(bench), "--moe-shape", "4096,14336,9,8"]),
+    }[case]
+    name, content, extra = args
+    if name:
+        (tmp_path / name).write_text(content)
+        extra = ["--nccl-tests", str(tmp_path / name)]
+    assert main(["validate", *extra, "--device", "h100-sxm"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert re.search(message, line), line
