@@ -241,14 +241,23 @@ CREATE TABLE NVTX_EVENTS (start INTEGER NOT NULL, end INTEGER, eventType INTEGER
 """
 
 
-def _nsys_db(path):
+_NSYS_TID = 281474976710657
+
+
+def _nsys_db(path, kernels=((1_000_000, 1_020_000, 0, 7, 11, 3, 4), (1_010_000, 1_050_000, 0, 13, 12, 1, 2),
+                            (2_000_000, 2_030_000, 1, 7, 21, 1, 2)), ranges=((900_000, 1_000_000, 6),),
+             label="moe_layer it=0"):
+    """An nsys export: ``kernels`` (start, end ns, device, stream, correlation id, demangled and
+    short name ids), each launched 50 us before it starts on one thread, and NVTX ``ranges``
+    (start, end ns, text id) on that thread; text id 6 is ``label``, 7 and 8 the same with
+    it=1 / it=2."""
     db = sqlite3.connect(path)
     db.executescript(_NSYS_SCHEMA)
     db.executemany("INSERT INTO StringIds VALUES (?, ?)", [(1, "void fused_moe_kernel<__nv_bfloat16>(...)"), (2, "fused_moe_kernel"),
                                                           (3, "void topk_kernel<float>(...)"), (4, "topk_kernel"),
-                                                          (5, "cudaLaunchKernel_v7000"), (6, "moe_layer it=0")])
-    tid = 281474976710657
-    kernels = [(1_000_000, 1_020_000, 0, 7, 11, 3, 4), (1_010_000, 1_050_000, 0, 13, 12, 1, 2), (2_000_000, 2_030_000, 1, 7, 21, 1, 2)]
+                                                          (5, "cudaLaunchKernel_v7000"), (6, label),
+                                                          (7, label.replace("it=0", "it=1")), (8, label.replace("it=0", "it=2"))])
+    tid = _NSYS_TID
     for start, end, dev, stream, corr, dname, sname in kernels:
         db.execute("INSERT INTO CUPTI_ACTIVITY_KIND_KERNEL (start, end, deviceId, contextId, streamId, correlationId, globalPid, "
                    "demangledName, shortName, registersPerThread, gridX, gridY, gridZ, blockX, blockY, blockZ, staticSharedMemory, "
@@ -256,7 +265,8 @@ def _nsys_db(path):
                    "(?, ?, ?, 1, ?, ?, 281474976710656, ?, ?, 64, 132, 1, 1, 128, 1, 1, 0, 0, 0, 0, 1)",
                    (start, end, dev, stream, corr, dname, sname))
         db.execute("INSERT INTO CUPTI_ACTIVITY_KIND_RUNTIME VALUES (?, ?, 1, ?, ?, 5, 0, NULL)", (start - 50_000, start - 45_000, tid, corr))
-    db.execute("INSERT INTO NVTX_EVENTS (start, end, eventType, text, globalTid, textId) VALUES (900000, 1000000, 59, NULL, ?, 6)", (tid,))
+    db.executemany("INSERT INTO NVTX_EVENTS (start, end, eventType, text, globalTid, textId) VALUES (?, ?, 59, NULL, ?, ?)",
+                   [(start, end, tid, text) for start, end, text in ranges])
     db.commit()
     db.close()
 
@@ -272,6 +282,25 @@ def test_nsys_kernels_and_ranges(tmp_path):
     assert layer.text == "moe_layer it=0" and layer.end_ns == 1_000_000
     # kernels launched inside the range (by their runtime call), though they ran after it
     assert nsys.kernels_in_range(path, kernels, layer).tolist() == [0, 1]
+
+
+def test_nsys_replay_of_collect_moe_ranges(tmp_path, capsys):
+    """`moesim validate --replay report.sqlite`: each NVTX range of a collect_moe.py case is
+    timed by the union of the kernels launched in it (two overlapping ones: 60 us, 40 us)."""
+    label = "moe case=0 tokens=64 ep=1 routing=balanced"
+    kernels = [(1_000_000, 1_040_000, 0, 7, 11, 1, 2), (1_020_000, 1_060_000, 0, 13, 12, 3, 4),
+               (2_000_000, 2_040_000, 0, 7, 21, 1, 2), (3_000_000, 3_030_000, 0, 7, 31, 1, 2)]
+    path = tmp_path / "moe.sqlite"
+    _nsys_db(path, kernels, ranges=((900_000, 1_000_000, 6), (1_900_000, 2_000_000, 7), (2_900_000, 3_000_000, 8)),
+             label=f"{label} it=0")
+    case = {"label": label, "num_tokens": 64, "hidden_size": 4096, "inter_size": 14336, "topk": 2, "num_experts": 8,
+            "moe_ep_size": 1, "moe_dtype": "bfloat16", "distribution": "balanced", "tokens_per_expert": [16] * 8}
+    (tmp_path / "moe_cases.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "cases": [case]}))
+    assert nsys.range_busy(path, "moe case=") == [(f"{label} it=0", 60_000.0), (f"{label} it=1", 40_000.0),
+                                                   (f"{label} it=2", 30_000.0)]
+    assert main(["validate", "--replay", str(path), "--device", "h100-sxm", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["cases"]
+    assert row["calls"] == 3 and row["measured"] == pytest.approx(40e-6) and row["on_cpu"] is False
 
 
 def test_nsys_corrupt(tmp_path):

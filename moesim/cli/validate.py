@@ -53,8 +53,9 @@ def register(sub, formatter) -> None:
                    "benchmarks/kernels/benchmark_moe.py, compared as moe rows (routing 'random': top-k of Gaussian logits)")
     p.add_argument("--moe-shape", metavar="SHAPE", help="the --benchmark-moe model's HIDDEN,INTER,TOPK,EXPERTS (INTER: "
                    "one expert's full intermediate size), or a model preset / config.json to take them from")
-    p.add_argument("--replay", metavar="TRACE", help="instead: replay a collect_moe.py torch.profiler trace (moe_cases.json "
-                   "beside it) and compare each MoE layer's measured time with the cost model's")
+    p.add_argument("--replay", metavar="TRACE", help="instead: replay a collect_moe.py torch.profiler trace, or the nsys "
+                   "SQLite export (.sqlite) of a run of it under nsys profile (moe_cases.json beside it), and compare "
+                   "each MoE layer's measured time with the cost model's")
     p.add_argument("--device", required=True, help="device profile name, or a profile YAML file")
     p.add_argument("--efficiency-from", metavar="DEVICE", help="carry another profile's efficiency figures and launch "
                    "overhead over (cross-device prediction: --device's spec sheet, this device's calibration)")

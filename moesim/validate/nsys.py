@@ -136,3 +136,15 @@ def kernels_in_range(path: str | Path, kernels: NsysKernels, nvtx: NvtxRange) ->
         launched = {r[0] for r in connection.execute(
             f"SELECT correlationId FROM CUPTI_ACTIVITY_KIND_RUNTIME WHERE start >= ? AND start <= ? {same_thread}", params)}
     return np.flatnonzero(np.isin(kernels.correlation, list(launched)))
+
+
+def range_busy(path: str | Path, match: str) -> list[tuple[str, float]]:
+    """(text, nanoseconds) of each NVTX range whose text contains ``match``, by start time: the
+    union over all streams of the kernels launched inside it (:func:`kernels_in_range`; memory
+    copies are not in the kernel table), overlaps counted once."""
+    kernels = read_kernels(path)
+    out = []
+    for nvtx in read_nvtx_ranges(path, match):
+        mine = kernels_in_range(path, kernels, nvtx)
+        out.append((nvtx.text, busy_time(kernels.start_ns[mine], kernels.end_ns[mine])))
+    return out

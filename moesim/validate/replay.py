@@ -1,11 +1,13 @@
 """End-to-end check: replay a profiled MoE layer run and compare moesim's layer time with it.
 
 Input: the torch.profiler trace ``validation/collect/collect_moe.py`` writes
-(``moe_trace.json``) and its ``moe_cases.json`` beside it, which gives each case's
-``record_function`` label, shape (tokens, hidden, intermediate size, top-k, experts, EP,
-dtype) and the exact tokens each expert received. For every case the measured layer time is
-the median, over its annotated calls, of the union of the device work inside the call (kernels
-on all streams, overlaps counted once); the predicted time is
+(``moe_trace.json``), or the Nsight Systems SQLite export of a run of it under ``nsys profile``
+(``*.sqlite``: the same labels as NVTX ranges), and its ``moe_cases.json`` beside it, which
+gives each case's label, shape (tokens, hidden, intermediate size, top-k, experts, EP, dtype)
+and the exact tokens each expert received. For every case the measured layer time is the
+median, over its annotated calls, of the union of the device work inside the call (kernels on
+all streams, overlaps counted once; for nsys, the kernels launched inside the NVTX range:
+:func:`moesim.validate.nsys.range_busy`); the predicted time is
 :func:`moesim.cost.moe.moe_layer_time` for the device profile with the same counts (router
 GEMM excluded: the collector starts from the router's output).
 
@@ -25,6 +27,7 @@ import numpy as np
 from moesim.cost.moe import moe_layer_time
 from moesim.errors import InputError
 from moesim.files import load_json
+from moesim.validate import nsys
 from moesim.validate.kineto import annotation_spans, load_trace
 
 CASES_FILE = "moe_cases.json"
@@ -96,18 +99,21 @@ def replay(trace_path: str | Path, device, *, cases_path: str | Path | None = No
     trace_path = Path(trace_path)
     cases_path = Path(cases_path) if cases_path else trace_path.with_name(CASES_FILE)
     cases = load_cases(cases_path)
-    trace = load_trace(trace_path)
-    spans = annotation_spans(trace, r"^moe case=\d+ ")
-    by_label: dict[str, list] = {}
-    for span in spans:
-        by_label.setdefault(re.sub(r" it=\d+$", "", span.name), []).append(span)
+    by_label: dict[str, list[tuple[float, bool]]] = {}  # label -> (busy microseconds, on the CPU) per call
+    if trace_path.suffix == ".sqlite":
+        calls = [(text, busy_ns / 1e3, False) for text, busy_ns in nsys.range_busy(trace_path, "moe case=")]
+    else:
+        calls = [(s.name, s.busy, s.on_cpu) for s in annotation_spans(load_trace(trace_path), r"^moe case=\d+ ")]
+    for name, busy, on_cpu in calls:
+        if re.match(r"moe case=\d+ ", name):
+            by_label.setdefault(re.sub(r" it=\d+$", "", name), []).append((busy, on_cpu))
     rows = []
     for case in cases["cases"]:
         mine = by_label.get(case["label"])
         if not mine:
-            raise InputError(f"no annotated calls named {case['label']!r} in the trace (was it written with --no-trace?)",
-                             source=str(trace_path))
-        busy = [s.busy for s in mine]
+            hint = "was nsys run with -t cuda,nvtx?" if trace_path.suffix == ".sqlite" else "was it written with --no-trace?"
+            raise InputError(f"no annotated calls named {case['label']!r} in the trace ({hint})", source=str(trace_path))
+        busy = [b for b, _ in mine]
         if not any(busy):
             raise InputError(f"the calls of {case['label']!r} hold no recorded work", source=str(trace_path))
         counts = np.asarray(case["tokens_per_expert"], dtype=np.int64)
@@ -116,7 +122,7 @@ def replay(trace_path: str | Path, device, *, cases_path: str | Path | None = No
                                    ep=int(case["moe_ep_size"]), expert_tp=int(case.get("moe_tp_size", 1)), router=False)
         rows.append(ReplayRow(case["label"], int(case["num_tokens"]), str(case.get("distribution", "")),
                               int(case["moe_ep_size"]), len(mine), float(np.median(busy)) * 1e-6, predicted.time,
-                              any(s.on_cpu for s in mine)))
+                              any(on_cpu for _, on_cpu in mine)))
     return Replay(rows, getattr(device, "name", str(device)), str(cases.get("device", "")), str(trace_path))
 
 

@@ -21,7 +21,7 @@ import io
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,9 +157,11 @@ def profiled(env: Env, path: Path):
 
 def traced_calls(env: Env, fn, label: str, calls: int = 3) -> None:
     """Run ``fn`` ``calls`` times, each inside a ``record_function(label + ' it=<i>')`` range
-    (the annotation the replay reads), waiting for the device after each so the ranges do
-    not overlap."""
+    (the annotation the replay reads from the torch.profiler trace) and, on a GPU, an NVTX
+    range of the same name (what it reads from an Nsight Systems export), waiting for the
+    device after each so the ranges do not overlap."""
     for i in range(calls):
-        with torch.profiler.record_function(f"{label} it={i}"):
+        name = f"{label} it={i}"
+        with torch.profiler.record_function(name), (torch.cuda.nvtx.range(name) if env.cuda else nullcontext()):
             fn()
         synchronize(env)

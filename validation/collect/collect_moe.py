@@ -20,7 +20,8 @@ only its ``E / N`` experts (vLLM-style EP, as the aiconfigurator table).
 Writes ``moe_<framework>_<version>_moe_perf.csv`` (aiconfigurator MoE columns, latency ms; the
 rows of routing profiles in ``routing_profile/`` beside it),
 ``moe_trace.json`` (torch.profiler; each case's calls are ``record_function`` ranges named by
-the case) and ``moe_cases.json`` (shape, routing and tokens per expert of each case, for
+the case, and NVTX ranges of the same names on a GPU, so a run under ``nsys profile -t
+cuda,nvtx ... --no-trace`` can be replayed from its SQLite export instead) and ``moe_cases.json`` (shape, routing and tokens per expert of each case, for
 ``moesim.validate.replay``).
 
     python validation/collect/collect_moe.py --model mixtral-8x7b --out validation/measured/h100-sxm
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
                     seconds = common.time_call(call, env)
                     distribution = distribution_name(spec, arch.name)
                     label = f"moe case={len(cases)} tokens={tokens} ep={ep} routing={distribution}"
-                    if prof is not None:
+                    if prof is not None or env.cuda:  # NVTX ranges for a run under nsys profile --no-trace too
                         common.traced_calls(env, call, label)
                     row = common.constants(env, "moe", source) | {
                         "framework": framework, "version": version, "moe_dtype": args.dtype, "num_tokens": tokens,
