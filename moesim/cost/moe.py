@@ -102,10 +102,16 @@ def _vector_kernel(flops, bytes_moved, d, out):
 
 
 @numba.njit(inline="always", cache=True)
-def _add_fields(out, fields):
-    """Add a second kernel's :data:`_FIELDS` into ``out`` (a part made of two kernels)."""
-    for j in range(6):
-        out[j] += fields[j]
+def _then_quantise(fields, elements, d):
+    """A part's :data:`_FIELDS`, with fp8 kernels' quantisation of its ``elements`` outputs
+    added (a second kernel): the tokens before the first grouped GEMM, the activation's output
+    before the second."""
+    if d.act_bytes != 1.0:
+        return fields
+    flops, bytes_moved = _quant_work(elements)
+    q = _vector_fields(flops, bytes_moved, d)
+    return (fields[0] + q[0], fields[1] + q[1], fields[2] + q[2], fields[3] + q[3], fields[4] + q[4],
+            fields[5] + q[5])
 
 
 @numba.njit(inline="always", cache=True)
@@ -236,19 +242,16 @@ def _moe_rank(local, foreign, t, num_experts, hidden, shard, top_k, gated, d, pa
     flops, bytes_moved = _topk_work(t, num_experts)
     _vector_kernel(flops, bytes_moved, d, parts[0])
     flops, bytes_moved = _align_work(t * top_k)
-    _vector_kernel(flops, bytes_moved, d, parts[1])
-    if d.act_bytes == 1.0:  # fp8 kernels: the tokens' activations quantised before the first GEMM
-        flops, bytes_moved = _quant_work(t * hidden)
-        _add_fields(parts[1], _vector_fields(flops, bytes_moved, d))
+    out = parts[1]
+    out[0], out[1], out[2], out[3], out[4], out[5] = _then_quantise(_vector_fields(flops, bytes_moved, d), t * hidden, d)
     up_n = 2 * shard if gated else shard
     small = _small_batch(t * top_k, local.size, d)
     info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, foreign, up_n, hidden, d.act_bytes, 2.0, small, d, parts[2])
     if rows > 0:
         flops, bytes_moved = _activation_work(rows, shard, gated)
-        _vector_kernel(flops, bytes_moved, d, parts[3])
-        if d.act_bytes == 1.0:  # and the activation's output before the second
-            flops, bytes_moved = _quant_work(rows * shard)
-            _add_fields(parts[3], _vector_fields(flops, bytes_moved, d))
+        out = parts[3]
+        out[0], out[1], out[2], out[3], out[4], out[5] = _then_quantise(_vector_fields(flops, bytes_moved, d), rows * shard,
+                                                                        d)
     info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, foreign, hidden, shard, 2.0, 2.0, small, d, parts[4])
     flops, bytes_moved = _combine_work(t, hidden, top_k)
     _vector_kernel(flops, bytes_moved, d, parts[5])
@@ -323,11 +326,7 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
             flops, bytes_moved = _topk_work(t, num_experts)
             head = 0.0 + _vector_fields(flops, bytes_moved, d)[0]  # the reference sum starts from 0.0
             flops, bytes_moved = _align_work(t * top_k)
-            align = _vector_fields(flops, bytes_moved, d)[0]
-            if d.act_bytes == 1.0:
-                flops, bytes_moved = _quant_work(t * hidden)
-                align += _vector_fields(flops, bytes_moved, d)[0]
-            head += align
+            head += _then_quantise(_vector_fields(flops, bytes_moved, d), t * hidden, d)[0]
             flops, bytes_moved = _combine_work(t, hidden, top_k)
             tail = _vector_fields(flops, bytes_moved, d)[0]
             if t < table.shape[1] and t == math.floor(t):
@@ -340,10 +339,7 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
             activation = _known(table, 1, rows)
             if np.isnan(activation):
                 flops, bytes_moved = _activation_work(rows, shard, gated)
-                activation = _vector_fields(flops, bytes_moved, d)[0]
-                if d.act_bytes == 1.0:
-                    flops, bytes_moved = _quant_work(rows * shard)
-                    activation += _vector_fields(flops, bytes_moved, d)[0]
+                activation = _then_quantise(_vector_fields(flops, bytes_moved, d), rows * shard, d)[0]
                 if rows < table.shape[1] and rows == math.floor(rows):
                     table[1, int(rows)] = activation
             seconds += activation
