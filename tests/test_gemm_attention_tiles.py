@@ -213,3 +213,20 @@ def test_mla_prefill_pays_its_latent_once_per_token_whatever_the_heads(h100):
         extra = mla_prefill_time(h100, 128, 512, heads, 128, 64, 128).time - mla_prefill_time(
             plain, 128, 512, heads, 128, 64, 128).time
         assert extra == pytest.approx(128 * 512 * latent)
+
+
+@pytest.mark.parametrize("name", ["h100-sxm", "l40s"])  # with a gemm_tiles list and the older one-tile model
+@pytest.mark.parametrize("dtype", ["bf16", "fp8_block", "fp8", "int4"])
+def test_array_of_row_counts_gives_each_scalar_call(name, dtype):
+    """The simulator costs every row count of a GEMM shape in one call: each element (time,
+    split, tile, bytes) is what the scalar call gives, bit for bit, the pad and split-K reduce
+    kernels counted only on the rows that run them."""
+    device = catalog.device(name)
+    rows = np.array([1, 2, 3, 4, 5, 16, 17, 63, 64, 65, 127, 500, 1024, 2047, 4096])
+    for n, k in ((1536, 7168), (128, 65536), (7168, 2048)):
+        many = gemm_time(device, rows, n, k, dtype)
+        for i, m in enumerate(rows.tolist()):
+            one = gemm_time(device, m, n, k, dtype)
+            assert many.time[i] == one.time and many.bytes[i] == one.bytes
+            assert many.info["split_k"][i] == one.info["split_k"]
+            assert (many.info["tile"][0][i], many.info["tile"][1][i]) == one.info["tile"]

@@ -33,7 +33,9 @@ import numpy as np
 
 from moesim.cost.collectives import AllToAll
 from moesim.cost.estimate import LayerCosting, Workload
+from moesim.cost.gemm import gemm_time
 from moesim.cost.moe import expert_times
+from moesim.cost.roofline import OpCost
 from moesim.cost.layout import Layout
 from moesim.dtypes import dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
@@ -101,20 +103,23 @@ class StepCost:
     spans: list = field(default_factory=list)  # (device, stream, name, start, end) when asked
 
 
-def _remembered(gemm):
-    """``gemm(name, tokens, n, k, dtype=None)`` with each distinct call computed once. The
-    OpCosts are shared: the step model only reads their times."""
-    memo: dict = {}
+def _gemm_tables(device, default_dtype: str):
+    """A stand-in for ``LayerCosting._gemm`` (``gemm(name, tokens, n, k, dtype=None)``) that
+    costs each GEMM shape ``(name, n, k, dtype)`` for every row count up to a power of two in
+    one array call of :func:`gemm_time` and reads a row count's seconds from that table: a run
+    meets thousands of row counts of the same few shapes, and one array call costs what two
+    scalar ones do. Only the time is kept: the step model reads nothing else."""
+    tables: dict = {}
 
-    def cached(name: str, tokens: int, n: int, k: int, dtype: str | None = None):
-        key = (name, tokens, n, k, dtype)
-        try:
-            cost = memo.get(key)
-        except TypeError:  # array-valued shapes: not remembered
-            return gemm(name, tokens, n, k, dtype)
-        if cost is None:
-            cost = memo[key] = gemm(name, tokens, n, k, dtype)
-        return cost
+    def cached(name: str, tokens, n: int, k: int, dtype: str | None = None) -> OpCost:
+        if np.ndim(tokens):
+            return gemm_time(device, np.maximum(tokens, 1), n, k, dtype or default_dtype, name=name)
+        key = (name, n, k, dtype)
+        table = tables.get(key)
+        if table is None or tokens >= table.size:
+            rows = np.maximum(np.arange(max(1024, 1 << int(tokens).bit_length())), 1)
+            table = tables[key] = gemm_time(device, rows, n, k, dtype or default_dtype, name=name).time
+        return OpCost(name, float(table[tokens]))
     return cached
 
 
@@ -140,8 +145,8 @@ class StepModel:
         self.device = c.device
         # A run asks for the same GEMM shapes over and over in new combinations (every step's
         # (tokens, prompt tokens) pair per replica costs the projections anew): this model's
-        # costing remembers each GEMM, a pure function of its shape on the one device.
-        c._gemm = _remembered(c._gemm)
+        # costing reads each GEMM, a pure function of its shape on the one device, from a table.
+        c._gemm = _gemm_tables(c.device, c.dtype)
         self.devices = list(devices)
         self.replicas = layout.dp
         self.layers = list(arch.layers)
