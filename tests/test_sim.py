@@ -213,11 +213,12 @@ def test_compiled_count_stream_step_equals_numpy_bit_for_bit(experts):
 
 
 @pytest.mark.parametrize("experts", [8, 60, 256])
-def test_compiled_exact_count_step_draws_numpys_counts(experts):
+def test_compiled_exact_count_step_draws_the_references_counts(experts):
     """Same generator state in, same counts and same generator state out, over kept fractions
     on both sides of 1/2, counts large enough for NumPy's BTPE branch, and steps without a
     previous step."""
-    from moesim.routing.stream import _NO_PREVIOUS, _exact_step, exact_step_reference
+    from moesim.routing.profile import alias_tables
+    from moesim.routing.stream import exact_step, exact_step_reference
 
     rng = np.random.default_rng(experts)
     L = 58
@@ -228,10 +229,26 @@ def test_compiled_exact_count_step_draws_numpys_counts(experts):
         previous = None if trial % 3 == 0 else np.stack([rng.multinomial(tokens * 8, row) for row in share])
         ours, theirs = np.random.default_rng([experts, trial]), np.random.default_rng([experts, trial])
         expected = exact_step_reference(theirs, previous, keep, share, tokens * 8, tokens)
-        counts = np.empty((L, experts), dtype=np.int64)
-        _exact_step(ours, _NO_PREVIOUS if previous is None else previous, keep, share, tokens * 8, tokens, counts)
+        counts = exact_step(ours, previous, keep, *alias_tables(share), tokens * 8, tokens)
         assert np.array_equal(counts, expected)
         assert ours.bit_generator.state == theirs.bit_generator.state
+
+
+def test_exact_count_step_is_the_multinomial_of_the_share():
+    """Without repeats a step's counts are a multinomial of the slots over the share: mean
+    ``slots * p`` and variance ``slots * p * (1 - p)`` per expert (counts below the token cap)."""
+    from moesim.routing.profile import alias_tables
+    from moesim.routing.stream import exact_step
+
+    rng = np.random.default_rng(7)
+    share = rng.dirichlet(np.full(60, 0.5), size=2)
+    prob, alias = alias_tables(share)
+    slots, steps = 400, 4000
+    draws = np.stack([exact_step(rng, None, np.zeros(2), prob, alias, slots, slots) for _ in range(steps)])
+    assert (draws.sum(axis=2) == slots).all()
+    mean, var = slots * share, slots * share * (1 - share)
+    assert np.abs(draws.mean(axis=0) - mean).max() < 5 * np.sqrt(var.max() / steps)
+    assert np.allclose(draws.var(axis=0), var, rtol=0.15, atol=0.05)
 
 
 def test_micro_batch_counts_are_numpys_floor_of_the_share():

@@ -13,8 +13,10 @@ multinomial covariance, correlated with the previous step's noise by ``locality`
 share of tokens that continue (an AR(1) process with the same mean, variance and lag-one
 correlation as the exact repeat-or-redraw process), and rounded to integers that keep the
 total. A 58-layer, 256-expert step then costs two small Gaussian draws instead of 15,000
-binomials; smaller steps draw the exact process, compiled (:func:`_exact_step`), with NumPy's
-binomial algorithm on the same generator, so its counts are NumPy's bit for bit.
+binomials; smaller steps draw the exact process, compiled (:func:`exact_step`): the repeats
+by NumPy's binomial algorithm on the same generator, the fresh slots one uniform each through
+a layer's alias table, so a step of a few tokens costs its slots rather than the ~15,000
+conditional binomials of a multinomial over every layer's experts.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numba
 import numpy as np
 
 from moesim.routing.generate import _inclusion
-from moesim.routing.profile import RoutingProfile
+from moesim.routing.profile import RoutingProfile, alias_tables
 
 NORMAL_REGIME = 8.0  # mean slots per expert from which a step's counts are drawn by the normal approximation
 
@@ -152,16 +154,24 @@ def _normal_step(noise, z, rho, keep, root, share, slots, tokens, counts):
 
 def exact_step_reference(rng: np.random.Generator, previous: np.ndarray | None, keep: np.ndarray, share: np.ndarray,
                          slots: int, tokens: int) -> np.ndarray:
-    """One exact-regime step in NumPy (the reference :func:`_exact_step` is tested against): each
+    """One exact-regime step in NumPy (the reference :func:`exact_step` is tested against): each
     of the previous step's slots ``[layers, experts]`` repeats its expert with probability
-    ``keep`` ``[layers]``, the rest of the ``slots`` are a multinomial draw from ``share``, and a
+    ``keep`` ``[layers]``, the rest of the ``slots`` draw their experts from ``share``, one
+    uniform a slot through the layer's alias table (:func:`alias_tables` of ``share``), and a
     token picks an expert at most once (counts capped at ``tokens``)."""
     L, E = share.shape
     kept = np.zeros((L, E), dtype=np.int64)
     if previous is not None:
         kept = rng.binomial(previous, np.clip(keep, 0, 1)[:, None])
     fresh = np.maximum(slots - kept.sum(axis=1), 0)
-    return np.minimum(kept + rng.multinomial(fresh, share), tokens)
+    prob, alias = alias_tables(share)
+    counts = kept.copy()
+    for l in range(L):
+        scaled = rng.random(fresh[l]) * E
+        column = scaled.astype(np.int64)
+        drawn = np.where(scaled - column < prob[l, column], column, alias[l, column])
+        counts[l] += np.bincount(drawn, minlength=E)
+    return np.minimum(counts, tokens)
 
 
 @numba.njit(inline="always", cache=True)
@@ -192,27 +202,16 @@ def _inversion_setup(n, small):
     return q, math.exp(n * math.log(q)), int(min(n, mean + 10.0 * math.sqrt(mean * q + 1)))
 
 
-@numba.njit(inline="always", cache=True)
-def _binomial(rng, n, p):
-    """``rng.binomial(n, p)`` as NumPy's ``random_binomial`` draws it; the inversion branch (all
-    but large ``n * p``) inline, without the checks of a generator call."""
-    if n == 0 or p == 0.0:
-        return 0
-    small = p if p <= 0.5 else 1.0 - p
-    if small * n > 30.0:
-        return rng.binomial(n, p)
-    q, qn, bound = _inversion_setup(n, small)
-    x = _inversion(rng, n, small, q, qn, bound)
-    return x if p <= 0.5 else n - x
+_NO_PREVIOUS = np.zeros((0, 0), dtype=np.int64)
 
 
 @numba.njit(cache=True)
-def _exact_step(rng, previous, keep, share, slots, tokens, counts):
-    """:func:`exact_step_reference` into ``counts`` (``previous`` empty: none), drawing the same
-    numbers from ``rng`` in the same order: the kept binomials row by row (one probability a
-    layer, so each distinct count's set-up is worked out once a layer), then each layer's
-    multinomial as NumPy's chain of conditional binomials."""
-    L, E = share.shape
+def _repeats(rng, previous, keep, slots, counts):
+    """The kept part of :func:`exact_step_reference` into ``counts`` (``previous`` empty: none),
+    drawing the same binomials from ``rng`` in the same order, row by row (one probability a
+    layer, so each distinct count's set-up is worked out once a layer). Returns the slots left
+    to draw afresh per layer."""
+    L, E = counts.shape
     counts[:] = 0
     if previous.size:
         largest = 0
@@ -238,25 +237,56 @@ def _exact_step(rng, previous, keep, share, slots, tokens, counts):
                     _, qn_of[n], bound_of[n] = _inversion_setup(n, small)
                 x = _inversion(rng, n, small, 1.0 - small, qn_of[n], bound_of[n])
                 counts[l, e] = x if p <= 0.5 else n - x
+    fresh = np.empty(L, dtype=np.int64)
     for l in range(L):
         left = slots
         for e in range(E):
             left -= counts[l, e]
-        remaining = 1.0
-        for e in range(E - 1):
-            if left <= 0:
-                break
-            x = _binomial(rng, left, share[l, e] / remaining)
-            counts[l, e] += x
-            left -= x
-            remaining -= share[l, e]
-        if left > 0:
-            counts[l, E - 1] += left
+        fresh[l] = max(left, 0)
+    return fresh
+
+
+@numba.njit(cache=True)
+def _fresh(uniforms, fresh, prob, alias, tokens, counts):
+    """The fresh part of :func:`exact_step_reference`: layer ``l``'s next ``fresh[l]`` of the
+    ``uniforms`` each add a slot to the expert its alias table (``prob``, ``alias``) gives; then
+    the cap at ``tokens``. A layer's experts are drawn first and counted after: incrementing a
+    count whose index was just computed stalls the CPU on every repeat of an expert (a store to
+    an address known late), and a popular expert repeats often; the choice between an entry
+    and its alias is a bit mask, not a branch taken at random."""
+    L, E = prob.shape
+    drawn = np.empty(fresh.max(), dtype=np.int64)
+    at = 0
+    for l in range(L):
+        p_row, a_row, row = prob[l], alias[l], counts[l]
+        for i in range(fresh[l]):
+            scaled = uniforms[at + i] * E
+            column = np.int64(scaled)
+            other = np.int64(a_row[column])
+            drawn[i] = other ^ ((column ^ other) & -np.int64(scaled - column < p_row[column]))
+        for i in range(fresh[l]):
+            row[drawn[i]] += 1
+        at += fresh[l]
         for e in range(E):
-            counts[l, e] = min(counts[l, e], tokens)
+            row[e] = min(row[e], tokens)
 
 
-_NO_PREVIOUS = np.zeros((0, 0), dtype=np.int64)
+def exact_step(rng: np.random.Generator, previous: np.ndarray | None, keep: np.ndarray, prob: np.ndarray,
+               alias: np.ndarray, slots: int, tokens: int, uniforms: np.ndarray | None = None) -> np.ndarray:
+    """:func:`exact_step_reference`, compiled, drawing the same numbers from ``rng`` in the same
+    order, with the layers' alias tables of the share passed in: the repeats by NumPy's binomial
+    algorithm, then every layer's fresh slots from one NumPy fill of uniforms (one a slot, so a
+    step of few tokens costs its slots, not its layers times experts). ``uniforms``: a float64
+    buffer of at least ``slots`` per layer to fill (a stream keeps one: the fresh pages of a new
+    megabyte each step cost as much as the draws)."""
+    counts = np.empty(prob.shape, dtype=np.int64)
+    fresh = _repeats(rng, _NO_PREVIOUS if previous is None else previous, keep, slots, counts)
+    total = int(fresh.sum())
+    if uniforms is None or uniforms.size < total:
+        uniforms = np.empty(total)
+    rng.random(out=uniforms[:total])
+    _fresh(uniforms, fresh, prob, alias, tokens, counts)
+    return counts
 
 
 class CountStream:
@@ -272,6 +302,9 @@ class CountStream:
         share = _inclusion(profile, seed, sample or max(20_000, 50 * E))  # [domains, layers, experts]
         self.share = share.mean(axis=0)  # the workload mixes the domains evenly
         self.root = np.sqrt(self.share)
+        self.alias_prob, self.alias_idx = alias_tables(self.share)
+        # the exact regime's uniforms: at most one a slot of every layer below the normal regime
+        self.uniforms = np.empty(profile.num_layers * math.ceil(NORMAL_REGIME * E))
         self.locality = profile.per_layer("locality")
         self.rng = np.random.default_rng([seed, 0x57E9])
         self.previous = None  # last step's counts
@@ -295,8 +328,8 @@ class CountStream:
             else:
                 self.noise, counts = normal_step_reference(self.noise, z, rho, self.share, slots, tokens)
         else:
-            previous = self.previous if self.previous is not None and carry > 0 else _NO_PREVIOUS
-            counts = np.empty((L, E), dtype=np.int64)
-            _exact_step(self.rng, previous, self.locality * carry, self.share, slots, tokens, counts)
+            previous = self.previous if carry > 0 else None
+            counts = exact_step(self.rng, previous, self.locality * carry, self.alias_prob, self.alias_idx, slots, tokens,
+                                self.uniforms)
         self.previous, self.last_tokens = counts, tokens
         return counts
