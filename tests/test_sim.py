@@ -310,3 +310,13 @@ def test_array_scheduler_equals_the_per_request_reference(tmp_path, monkeypatch,
     assert ref["preemptions"] > 0 and fast == ref
     assert fast_log.steps == ref_log.steps
     np.testing.assert_array_equal(fast_log.finish, ref_log.finish)
+
+
+def test_segment_maxima_are_numpys_segment_sums_then_maxima():
+    from moesim.sim.kernels import segment_maxima
+
+    rng = np.random.default_rng(5)
+    for layers, replicas in ((61, 64), (4, 1), (30, 8)):
+        A, S = rng.random((layers, replicas)), rng.random((layers, replicas)) * (rng.random((layers, 1)) < 0.5)
+        starts = np.unique(np.concatenate([[0], rng.integers(1, layers, size=layers // 3)])).astype(np.int64)
+        np.testing.assert_allclose(segment_maxima(A, S, starts), np.add.reduceat(A + S, starts, axis=0).max(axis=1), rtol=1e-13)

@@ -2,7 +2,8 @@
 
 :func:`two_microbatch_end`: the end of DeepSeek's two-micro-batch overlap over a step's MoE
 layers, the loop :meth:`moesim.sim.step.StepModel._two_microbatch` runs in Python when it also
-records spans (the reference); :func:`scaled_floor`: a micro-batch's share of a step's counts.
+records spans (the reference); :func:`segment_maxima`: the slowest replica's compute before each
+MoE layer; :func:`scaled_floor`: a micro-batch's share of a step's counts.
 """
 
 from __future__ import annotations
@@ -47,3 +48,22 @@ def scaled_floor(counts: np.ndarray, share: float, offset: float, out: np.ndarra
     four over a step's ~15,000 counts."""
     for i in range(counts.size):
         out[i] = math.floor(counts[i] * share + offset)
+
+
+@numba.njit(cache=True)
+def segment_maxima(compute: np.ndarray, shared: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``[segments]``: the largest over replicas of ``compute + shared`` ``[layers, replicas]``
+    summed over each segment of layers (segment ``m`` from ``starts[m]`` to the next start, the
+    last to the end), in one pass instead of NumPy's sum, segment sums and maxima."""
+    L, R = compute.shape
+    out = np.empty(starts.size)
+    for m in range(starts.size):
+        stop = starts[m + 1] if m + 1 < starts.size else L
+        largest = -np.inf
+        for r in range(R):
+            total = 0.0
+            for l in range(starts[m], stop):
+                total += compute[l, r] + shared[l, r]
+            largest = max(largest, total)
+        out[m] = largest
+    return out

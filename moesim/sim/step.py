@@ -41,7 +41,7 @@ from moesim.dtypes import dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
 from moesim.models.arch import ModelArch
 from moesim.sim.dispatch import Dispatch
-from moesim.sim.kernels import scaled_floor, two_microbatch_end
+from moesim.sim.kernels import scaled_floor, segment_maxima, two_microbatch_end
 from moesim.sim.placement import Placement
 
 OVERLAP = ("none", "shared_expert", "two_microbatch")
@@ -391,6 +391,8 @@ class StepModel:
     def _segments(self, ph: dict, exclude_shared: bool) -> np.ndarray:
         """``[moe layers, replicas]``: compute each replica runs before each MoE layer's barrier."""
         A = ph["A"] if exclude_shared else ph["A"] + ph["S"]
+        # the last segment ends at the last MoE layer: the layers after it are the tail's
+        A = A[:self.tail_start]
         return np.add.reduceat(A, self.segment_starts, axis=0) if self.segment_starts.size else np.zeros((0, A.shape[1]))
 
     def _tail(self, ph: dict) -> np.ndarray:
@@ -432,12 +434,13 @@ class StepModel:
         return out
 
     def _two_microbatch(self, halves: list[dict], detail: bool):
-        segs = [self._segments(h, False).max(axis=1) for h in halves]
-        xs = [h["X"].max(axis=1) for h in halves]
+        # each half's slowest replica before each MoE layer's dispatch, shared experts included
+        segs = np.stack([segment_maxima(h["A"][:self.tail_start], h["S"][:self.tail_start], self.segment_starts) for h in halves])
+        xs = np.stack([h["X"].max(axis=1) for h in halves])
         tail = max(self._tail(h).max() for h in halves) * 2
         if not detail:  # the compiled recurrence; the loop below is its reference and records spans
-            end = two_microbatch_end(np.array(segs), np.array(xs), np.array([halves[0]["D"], halves[1]["D"]]),
-                                     np.array([halves[0]["C"], halves[1]["C"]]))
+            end = two_microbatch_end(segs, xs, np.stack([halves[0]["D"], halves[1]["D"]]),
+                                     np.stack([halves[0]["C"], halves[1]["C"]]))
             return float(end + tail), []
         comp = comm = 0.0
         done = [0.0, 0.0]  # each half's last combine
