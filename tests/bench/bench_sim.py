@@ -1,6 +1,6 @@
 """Benchmark: the serving simulator's speed and memory.
 
-    python tests/bench/bench_sim.py [--requests-ds 10000] [--requests-mixtral 1000]
+    python tests/bench/bench_sim.py [--requests-ds 10000] [--requests-mixtral 1000] [--breakdown]
 
 Runs DeepSeek-V3 decode-heavy serving on 64 H100 (EP64, DP64 attention, count-level routing
 from its profile, two-micro-batch overlap; the bundled deepseek-v3-decode-ep64 scenario with a
@@ -10,16 +10,22 @@ process, simulated time, simulated seconds per wall second and per CPU second (t
 compare on a shared machine), steps per second and the process's peak resident memory. Each
 run is preceded by a 20-request warm-up, so Numba's first compilation (or cache load) is not
 timed. Target (issue 4): the 64-GPU run at least 100x faster than real time and under 2 GB.
+``--breakdown`` also prints where each run's CPU time goes (process time inside the engine's
+and the step model's main pieces, a few microseconds of timer overhead a call included).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import resource
 import time
 
+from moesim.routing.stream import CountStream
 from moesim.scenario.build import build
 from moesim.scenario.schema import load_scenario
+from moesim.sim.engine import _Group
+from moesim.sim.step import StepLoad, StepModel
 
 RUNS = {
     "DeepSeek-V3 EP64": ("deepseek-v3-decode-ep64", {
@@ -32,11 +38,36 @@ RUNS = {
 }
 
 
+# (class, method, label): the pieces --breakdown times; indented labels lie inside the step's cost
+PIECES = [(_Group, "_admit", "admission"), (_Group, "_schedule", "scheduler"), (CountStream, "step", "count stream"),
+          (_Group, "_load", "step load (count stream included)"), (StepModel, "cost", "step cost"),
+          (StepLoad, "half", "  cutting the micro-batches"), (StepModel, "_decode_cores", "  decode attention"),
+          (StepModel, "_attention", "  attention block (new shapes costed)"),
+          (StepModel, "_expert_parallel", "  expert-parallel layers (experts, all-to-all)"),
+          (StepModel, "_two_microbatch", "  two-micro-batch overlap"), (_Group, "_advance", "advancing the sequences")]
+
+
+def timed_pieces() -> collections.Counter:
+    """Wrap :data:`PIECES` to add their process time (s) to the counter returned."""
+    spent: collections.Counter = collections.Counter()
+    for cls, name, label in PIECES:
+        def wrapper(*args, _method=getattr(cls, name), _label=label, **kwargs):
+            start = time.process_time()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[_label] += time.process_time() - start
+        setattr(cls, name, wrapper)
+    return spent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests-ds", type=int, default=10_000)
     parser.add_argument("--requests-mixtral", type=int, default=1_000)
+    parser.add_argument("--breakdown", action="store_true", help="also print where each run's CPU time goes")
     args = parser.parse_args()
+    spent = timed_pieces() if args.breakdown else None
     counts = {"DeepSeek-V3 EP64": args.requests_ds, "Mixtral-8x7B 1xH100": args.requests_mixtral}
     print(f"{'run':<22}{'requests':>9}{'wall s':>9}{'CPU s':>8}{'simulated s':>13}{'sim/wall':>10}{'sim/CPU':>9}"
           f"{'steps':>9}{'steps/s':>9}{'peak RSS':>10}")
@@ -51,6 +82,8 @@ def main() -> None:
 
         simulation(20).run()  # compile (or load Numba's cache) outside the timing
         sim = simulation(counts[name])
+        if spent is not None:
+            spent.clear()
         start, cpu = time.perf_counter(), time.process_time()
         log, metrics = sim.run()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -58,6 +91,10 @@ def main() -> None:
         steps, simulated = metrics["steps"], metrics["simulated_s"]
         print(f"{name:<22}{counts[name]:>9,}{wall:>9.1f}{cpu:>8.1f}{simulated:>13.1f}{simulated / wall:>9.1f}x{simulated / cpu:>8.1f}x"
               f"{steps:>9,}{steps / wall:>9.0f}{peak:>8.2f} GB", flush=True)
+        if spent is not None:
+            for label, seconds in spent.items():
+                print(f"    {label:<48}{seconds:>7.2f} s{seconds / steps * 1e6:>8.0f} us a step")
+            print(f"    {'the rest (SimPy, the log, set-up)':<48}{cpu - sum(v for k, v in spent.items() if not k.startswith(' ') and k != 'count stream'):>7.2f} s")
 
 
 if __name__ == "__main__":
