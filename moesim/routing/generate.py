@@ -330,18 +330,21 @@ def _pick_groups_one_by_one(h_seed, t, layer, gmass, row_g, n_group, topk_group,
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def _generate_kernel(seed, dims, cdf, gmass, sub_prob, sub_idx, sub_groups, alias_thr, alias_idx, successors, seq_start,
-                     seq_domain, interval, locality, affinity, null_rate, threshold, out, algo_tag, small_tag, k_tag):
+                     seq_domain, interval, locality, affinity, null_rate, threshold, out, algo_tag, small_tag, k_tag, size_tag, sel_tag):
     """``out``: the flat ``[tokens, layers, k]`` trace. ``dims``: experts, layers, domains,
     epochs, k, algorithm code, n_group, topk_group, number of group sets (0: pick groups one
     at a time), successors per expert. The tables come flat (see ``generate_tokens``).
 
-    ``algo_tag``, ``small_tag``, ``k_tag``: tuples whose lengths give the algorithm code (plus
-    one), whether there are at most 64 experts (length 2) and k. A tuple's length is part of
-    its type, so each combination is a build of its own with these as constants: the slot loop
-    then carries no tests of them and unrolls (``numba.literally`` would do the same but
-    re-enters the compiler on every call). Up to 64 experts, the chosen and the allowed experts
-    of a (token, layer) are bits of registers, so a slot's test does not wait on the previous
-    slot's store to memory."""
+    ``algo_tag``, ``small_tag``, ``k_tag``, ``size_tag``, ``sel_tag``: tuples whose lengths give
+    the algorithm code (plus one), whether there are at most 64 experts (length 2), k, the
+    experts per group and (group-limited) topk_group. A tuple's length is part of its type, so
+    each combination is a build of its own with these as constants: the slot loop then carries
+    no tests of them and unrolls, an alias draw's ``bits * group_size`` and a group's first
+    expert are shifts for groups of 2**n experts, and the group search of a popularity draw has
+    a fixed length (constant group size and topk_group: +8% for DeepSeek-V3, best of five).
+    ``numba.literally`` would do the same but re-enters the compiler on every call. Up to 64
+    experts, the chosen and the allowed experts of a (token, layer) are bits of registers, so a
+    slot's test does not wait on the previous slot's store to memory."""
     E, L, D, epochs, k, algo, n_group, topk_group, n_sets, fan = (dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6],
                                                                   dims[7], dims[8], dims[9])
     group_size = E // n_group
@@ -360,6 +363,9 @@ def _generate_kernel(seed, dims, cdf, gmass, sub_prob, sub_idx, sub_groups, alia
         algo = len(algo_tag) - 1
         small = len(small_tag) == 2
         k = len(k_tag)
+        group_size = len(size_tag)
+        if algo == 1:
+            topk_group = len(sel_tag)
         t0 = seq_start[s]
         n = seq_start[s + 1] - t0
         # Layer by layer, token by token inside the sequence: a (token, layer) needs the previous
@@ -774,7 +780,8 @@ def generate_tokens(profile: RoutingProfile, tokens: int, seed: int = 0, *, impl
                          members.ravel(), alias_thresholds(tables.alias_prob).ravel(), tables.alias_idx.ravel(),
                          tables.successors.ravel(), tables.seq_start, tables.seq_domain, profile.drift_interval, tables.locality,
                          tables.affinity, profile.null_rate, profile.dynamic_threshold, ids.reshape(-1),
-                         (0,) * (algo + 1), (0,) * (2 if num_experts <= 64 else 1), (0,) * profile.top_k)
+                         (0,) * (algo + 1), (0,) * (2 if num_experts <= 64 else 1), (0,) * profile.top_k,
+                         (0,) * (num_experts // n_group), (0,) * (profile.topk_group if algo == 1 else 0))
     else:
         raise ValueError(f"unknown implementation {impl!r}; expected numba or numpy")
     if profile.capacity_factor is not None:
