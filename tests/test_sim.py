@@ -320,3 +320,26 @@ def test_segment_maxima_are_numpys_segment_sums_then_maxima():
         A, S = rng.random((layers, replicas)), rng.random((layers, replicas)) * (rng.random((layers, 1)) < 0.5)
         starts = np.unique(np.concatenate([[0], rng.integers(1, layers, size=layers // 3)])).astype(np.int64)
         np.testing.assert_allclose(segment_maxima(A, S, starts), np.add.reduceat(A + S, starts, axis=0).max(axis=1), rtol=1e-13)
+
+
+def test_expert_parallel_reductions_are_numpys():
+    """The compiled slots per rank and all-to-all maxima give NumPy's figures bit for bit."""
+    from moesim.sim.kernels import exchange_maxima, rank_slots
+
+    rng = np.random.default_rng(6)
+    n, M, ep, per = 2, 58, 64, 4
+    rows = rng.integers(0, 5, size=(n * M, ep, per)) * (rng.random((n * M, ep, 1)) < 0.8)
+    X = rng.random((n * M, ep))
+    expected_x = np.where(rows.sum(axis=2) > 0, X, 0.0)
+    recv = rank_slots(rows, X)
+    assert np.array_equal(recv, rows.sum(axis=2).astype(np.float64)) and np.array_equal(X, expected_x)
+    recv[:3] = 0.0  # layers where nothing moves: no latency
+    d_rank, c_rank = rng.random((n * M, ep)), rng.random((n * M, ep))
+    D, C, busy, received = exchange_maxima(d_rank, c_rank, recv, 3e-6, n)
+    sent = recv.sum(axis=1) > 0
+    assert np.array_equal(D, d_rank.max(axis=1) + np.where(sent, 3e-6, 0.0))
+    assert np.array_equal(C, c_rank.max(axis=1) + np.where(sent, 3e-6, 0.0))
+    for i in range(n):
+        part = slice(i * M, (i + 1) * M)
+        assert np.array_equal(busy[i], (d_rank + c_rank)[part].sum(axis=0))
+        assert np.array_equal(received[i], recv[part].sum(axis=0))

@@ -3,7 +3,8 @@
 :func:`two_microbatch_end`: the end of DeepSeek's two-micro-batch overlap over a step's MoE
 layers, the loop :meth:`moesim.sim.step.StepModel._two_microbatch` runs in Python when it also
 records spans (the reference); :func:`segment_maxima`: the slowest replica's compute before each
-MoE layer; :func:`scaled_floor`: a micro-batch's share of a step's counts.
+MoE layer; :func:`scaled_floor`: a micro-batch's share of a step's counts; :func:`rank_slots` and
+:func:`exchange_maxima`: the expert-parallel layers' per-rank slots and all-to-all maxima.
 """
 
 from __future__ import annotations
@@ -67,3 +68,45 @@ def segment_maxima(compute: np.ndarray, shared: np.ndarray, starts: np.ndarray) 
             largest = max(largest, total)
         out[m] = largest
     return out
+
+
+@numba.njit(cache=True)
+def rank_slots(rows: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """``[layers, ranks]``: the slots each rank computes, from ``rows`` ``[layers, ranks, local
+    experts]`` (whole counts); ``experts`` (seconds, same leading shape) is zeroed in place where
+    a rank has none."""
+    L, R, E = rows.shape
+    out = np.empty((L, R))
+    for l in range(L):
+        for r in range(R):
+            total = 0
+            for e in range(E):
+                total += rows[l, r, e]
+            out[l, r] = total
+            if total == 0:
+                experts[l, r] = 0.0
+    return out
+
+
+@numba.njit(cache=True)
+def exchange_maxima(dispatch: np.ndarray, combine: np.ndarray, slots: np.ndarray, latency: float, loads: int):
+    """From each rank's dispatch and combine seconds and slots ``[loads * layers, ranks]``: the
+    layers' dispatch and combine seconds (the slowest rank, plus ``latency`` where any slot
+    moves) ``[loads * layers]``, and per load the seconds each rank's links are busy and its
+    slots, summed over the layers in order ``[loads, ranks]``."""
+    rows, R = dispatch.shape
+    M = rows // loads
+    D, C = np.empty(rows), np.empty(rows)
+    busy, received = np.zeros((loads, R)), np.zeros((loads, R))
+    for i in range(rows):
+        load = i // M
+        d_max, c_max, moved = -np.inf, -np.inf, 0.0
+        for r in range(R):
+            d_max = max(d_max, dispatch[i, r])
+            c_max = max(c_max, combine[i, r])
+            moved += slots[i, r]
+            busy[load, r] += dispatch[i, r] + combine[i, r]
+            received[load, r] += slots[i, r]
+        extra = latency if moved > 0 else 0.0
+        D[i], C[i] = d_max + extra, c_max + extra
+    return D, C, busy, received

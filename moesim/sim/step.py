@@ -41,7 +41,7 @@ from moesim.dtypes import dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
 from moesim.models.arch import ModelArch
 from moesim.sim.dispatch import Dispatch
-from moesim.sim.kernels import scaled_floor, segment_maxima, two_microbatch_end
+from moesim.sim.kernels import exchange_maxima, rank_slots, scaled_floor, segment_maxima, two_microbatch_end
 from moesim.sim.placement import Placement
 
 OVERLAP = ("none", "shared_expert", "two_microbatch")
@@ -325,11 +325,7 @@ class StepModel:
         computed, dropped, moved = self.dispatch.assign(physical, ep, self.expert_bytes)
         rows = computed.reshape(n * M, ep, -1)
         X = expert_times(self.device, rows, **kw)
-        # slots per rank: a product with ones, as NumPy's sum over a short last axis costs
-        # twenty times more (whole counts: the same totals)
-        recv = rows @ np.ones(rows.shape[2], dtype=rows.dtype)
-        X = np.where(recv > 0, X, 0.0)
-        recv = recv.astype(np.float64)  # [n * M, ep] slots each rank computes
+        recv = rank_slots(np.ascontiguousarray(rows), X)  # [n * M, ep] slots each rank computes; X zeroed without
         # source EP rank i belongs to the replica of its first device
         replica_of_rank = (np.arange(ep) * lay.expert_tp) // lay.tp
         ranks_per_replica = max(1, lay.tp // lay.expert_tp)
@@ -338,7 +334,9 @@ class StepModel:
         if moved is None and all(ld.source is None for ld in loads):
             # count level: source i sends share[i] of every rank's slots (a rank-one matrix)
             d_rank, c_rank = (x.reshape(n * M, ep) for x in a2a.rank_times_rank_one(share, recv.reshape(n, M, ep), bytes_out, bytes_back))
-            sent = recv.sum(axis=1) > 0
+            D, C, busy, received = exchange_maxima(d_rank, c_rank, recv, float(a2a.latency), n)
+            return [(X[i * M:(i + 1) * M], D[i * M:(i + 1) * M], C[i * M:(i + 1) * M], np.repeat(busy[i], lay.expert_tp),
+                     int(dropped[i * M:(i + 1) * M].sum()), received[i]) for i in range(n)]
         else:
             d_rank, c_rank, sent = np.empty_like(recv), np.empty_like(recv), np.empty(n * M, dtype=bool)
             for i, load in enumerate(loads):
