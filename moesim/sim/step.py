@@ -334,11 +334,8 @@ class StepModel:
         if moved is None and all(ld.source is None for ld in loads):
             # count level: source i sends share[i] of every rank's slots (a rank-one matrix)
             d_rank, c_rank = (x.reshape(n * M, ep) for x in a2a.rank_times_rank_one(share, recv.reshape(n, M, ep), bytes_out, bytes_back))
-            D, C, busy, received = exchange_maxima(d_rank, c_rank, recv, float(a2a.latency), n)
-            return [(X[i * M:(i + 1) * M], D[i * M:(i + 1) * M], C[i * M:(i + 1) * M], np.repeat(busy[i], lay.expert_tp),
-                     int(dropped[i * M:(i + 1) * M].sum()), received[i]) for i in range(n)]
         else:
-            d_rank, c_rank, sent = np.empty_like(recv), np.empty_like(recv), np.empty(n * M, dtype=bool)
+            d_rank, c_rank = np.empty_like(recv), np.empty_like(recv)
             for i, load in enumerate(loads):
                 part = slice(i * M, (i + 1) * M)
                 if load.source is not None:
@@ -350,16 +347,10 @@ class StepModel:
                 dispatch = matrix * bytes_out + (moved[part] if moved is not None else 0.0)
                 combine = np.swapaxes(matrix, 1, 2) * bytes_back
                 d_rank[part], c_rank[part] = a2a.rank_times(dispatch), a2a.rank_times(combine)
-                sent[part] = matrix.sum(axis=(1, 2)) > 0
-        D = d_rank.max(axis=1) + np.where(sent, a2a.latency, 0.0)
-        C = c_rank.max(axis=1) + np.where(sent, a2a.latency, 0.0)
-        busy = d_rank + c_rank
-        out = []
-        for i in range(n):
-            part = slice(i * M, (i + 1) * M)
-            out.append((X[part], D[part], C[part], np.repeat(busy[part].sum(axis=0), lay.expert_tp),
-                        int(dropped[part].sum()), recv[part].sum(axis=0)))
-        return out
+        # a layer whose ranks compute slots is one where slots move (and pays the latency)
+        D, C, busy, received = exchange_maxima(d_rank, c_rank, recv, float(a2a.latency), n)
+        return [(X[i * M:(i + 1) * M], D[i * M:(i + 1) * M], C[i * M:(i + 1) * M], np.repeat(busy[i], lay.expert_tp),
+                 int(dropped[i * M:(i + 1) * M].sum()), received[i]) for i in range(n)]
 
     @staticmethod
     def _source_share(load: StepLoad, replica_of_rank: np.ndarray, ranks_per_replica: int) -> np.ndarray:
