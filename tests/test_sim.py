@@ -287,11 +287,11 @@ def test_two_micro_batches_costed_together_equal_each_alone(tmp_path):
     load = StepLoad(np.full(R, 64), np.full(R, 500), np.zeros(R, dtype=np.int64), [], np.minimum(counts, 64 * R))
     halves = [load.half(True), load.half(False)]
     together = model._phases_many(halves)
-    for half, ph in zip(halves, together):
+    for i, half in enumerate(halves):
         alone = model._phases(half)
         for key in ("A", "S", "X", "D", "C", "head", "comm", "rank_slots"):
-            np.testing.assert_allclose(ph[key], alone[key], rtol=1e-12)
-        assert ph["dropped"] == alone["dropped"] and ph["slots"] == alone["slots"]
+            np.testing.assert_allclose(together[key][i], alone[key], rtol=1e-12)
+        assert together["dropped"][i] == alone["dropped"] and together["slots"][i] == alone["slots"]
 
 
 @pytest.mark.parametrize("chunked", [True, False])

@@ -111,6 +111,11 @@ def _roofline_many(flops, bytes_moved, rate, bandwidth, latency, p):
     return compute, memory, body
 
 
+def _scalar(x) -> bool:
+    # Python numbers first: np.ndim of one costs a failed attribute look-up and an array
+    return isinstance(x, (float, int)) or np.ndim(x) == 0
+
+
 def kernel(
     device,
     name: str,
@@ -134,7 +139,7 @@ def kernel(
     c_eff = eff.compute_for(dtype) if compute_efficiency is None else compute_efficiency
     bandwidth = device.memory.bandwidth * eff.memory * memory_efficiency
     launch = launches * device.launch_overhead
-    if np.ndim(flops) or np.ndim(bytes_moved) or np.ndim(c_eff) or np.ndim(bandwidth):
+    if not all(_scalar(x) for x in (flops, bytes_moved, c_eff, bandwidth)):
         # Arrays: one kernel per element (the simulator costs every rank of a step at once).
         flops, bytes_moved, rate, bandwidth = (np.array(x, dtype=np.float64) for x in np.broadcast_arrays(
             flops, bytes_moved, peak * c_eff, bandwidth))

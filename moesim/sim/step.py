@@ -112,7 +112,7 @@ def _gemm_tables(device, default_dtype: str):
     tables: dict = {}
 
     def cached(name: str, tokens, n: int, k: int, dtype: str | None = None) -> OpCost:
-        if np.ndim(tokens):
+        if isinstance(tokens, np.ndarray) and tokens.ndim:
             return gemm_time(device, np.maximum(tokens, 1), n, k, dtype or default_dtype, name=name)
         key = (name, n, k, dtype)
         table = tables.get(key)
@@ -171,6 +171,20 @@ class StepModel:
             self.expert_bytes = per_expert * weight_bytes_per_param(expert_dtype) / layout.expert_tp
         self._memo: dict = {}
         self._tables: dict[str, np.ndarray] = {}  # _per_replica's seconds per token count
+        # what each layer adds to its attention block, per replica, from the replica's tokens:
+        # column 0 nothing, then each dense FFN width, then the MoE layers' router (with the
+        # shared experts beside it in the last column); one table over tokens holds them all
+        first_of_width: dict[int, object] = {}
+        for layer in self.layers:
+            if not layer.moe:
+                first_of_width.setdefault(layer.dense_inter, layer)
+        widths = sorted(first_of_width)
+        self._column_ops = [lambda t, layer=first_of_width[inter]: c.dense_block(layer, t) for inter in widths]
+        self.addend_of = np.array([1 + len(widths) if layer.moe else 1 + widths.index(layer.dense_inter) for layer in self.layers])
+        self.shared_of = np.zeros(len(self.layers), dtype=np.int64)
+        if arch.is_moe:
+            self._column_ops += [c.moe_pre, c.moe_shared]
+            self.shared_of[self.is_moe] = 2 + len(widths)
 
     # -- memoised pieces that depend only on token counts ---------------------------------------
     def _sum(self, key, make) -> float:
@@ -196,6 +210,26 @@ class StepModel:
         if missing.any():
             for t in np.unique(tokens[missing]).tolist():
                 table[t] = float(sum(op.time for op in make(t)))
+            values = table[tokens]
+        return values
+
+    def _token_columns(self, tokens: np.ndarray) -> np.ndarray:
+        """``[replicas, columns]``: seconds of each of :attr:`_column_ops` (after a first column
+        of zeros) for each replica's ``tokens``, as :meth:`_per_replica` keeps one of them."""
+        table = self._tables.get("columns")
+        top = int(tokens.max(initial=0))
+        if table is None or table.shape[0] <= top:
+            grown = np.full((max(1024, 1 << top.bit_length()), 1 + len(self._column_ops)), np.nan)
+            grown[0] = 0.0
+            grown[:, 0] = 0.0
+            if table is not None:
+                grown[:table.shape[0]] = table
+            self._tables["columns"] = table = grown
+        values = table[tokens]
+        missing = np.isnan(values[:, -1])
+        if missing.any():
+            for t in np.unique(tokens[missing]).tolist():
+                table[t, 1:] = [float(sum(op.time for op in make(t))) for make in self._column_ops]
             values = table[tokens]
         return values
 
@@ -236,68 +270,50 @@ class StepModel:
     def _phases(self, load: StepLoad) -> dict:
         """Per layer and rank: compute before the barrier, shared experts, dispatch, experts,
         combine; and the tail after the last MoE layer."""
-        return self._phases_many([load])[0]
+        return {key: value[0] for key, value in self._phases_many([load]).items()}
 
-    def _phases_many(self, loads: list[StepLoad]) -> list[dict]:
-        """:meth:`_phases` of several loads (the two micro-batches of a step): their expert-parallel
-        layers are costed in one pass, as if they were one step of twice the layers."""
+    def _phases_many(self, loads: list[StepLoad]) -> dict:
+        """:meth:`_phases` of several loads (the two micro-batches of a step), each value stacked
+        over the loads (``[loads, ...]``): their layers are costed in one pass, the expert-parallel
+        ones as if they were one step of twice the layers."""
         c, arch, lay = self.costing, self.arch, self.layout
         M = int(self.is_moe.sum())
-        ep = lay.ep
-        kw = None
-        if M:
-            moe = arch.moe
-            kw = dict(hidden=arch.hidden, inter=moe.expert_inter, dtype=c.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated)
-        out = []
-        for load, decode in zip(loads, self._decode_cores(loads)):
-            tokens = load.tokens
-            attention = self._attention(load, decode)  # [windows, R]
-            A = attention[self.window_of]  # [layers, R]
-            S = np.zeros_like(A)
-            dense: dict[str, np.ndarray] = {}  # dense layers of one width cost the same
-            for l in self.dense_layers:
-                layer = self.layers[l]
-                name = f"dense{layer.dense_inter}"
-                if name not in dense:
-                    dense[name] = self._per_replica(name, tokens, lambda t, layer=layer: c.dense_block(layer, t))
-                A[l] += dense[name]
-            X = np.zeros((M, max(ep, 1) if self.a2a is not None else self.replicas))
-            D = np.zeros(M)
-            C = np.zeros(M)
-            comm = np.zeros(len(self.devices))
-            dropped = 0
-            slots = int(load.counts.sum())
-            rank_slots = np.zeros(X.shape[1])
-            if M:
-                pre = self._per_replica("moe_pre", tokens, c.moe_pre)
-                shared = self._per_replica("moe_shared", tokens, c.moe_shared)
-                A[self.is_moe] += pre
-                S[self.is_moe] = shared
-                if self.a2a is not None:
-                    pass  # below, all loads at once
-                elif lay.expert_tp > lay.tp:
-                    group = int(tokens.sum())
-                    X = np.broadcast_to(expert_times(self.device, load.counts, tokens=max(group, 1), top_k=moe.top_k, **kw)[:, None],
-                                        (M, self.replicas)).copy()
-                    gather = self._sum(("gather", group), lambda: [c.moe_gather_scatter(group)[0]]) if group else 0.0
-                    scatter = self._sum(("scatter", group), lambda: [c.moe_gather_scatter(group)[1]]) if group else 0.0
-                    D[:], C[:] = gather, scatter
-                    comm[:] = M * (gather + scatter)
-                    rank_slots = np.full(self.replicas, float(load.counts.sum()))
-                else:
-                    per_replica = load.source if load.source is not None else self._split(load.counts, tokens)
-                    X = expert_times(self.device, np.moveaxis(per_replica, 0, 1), tokens=np.maximum(tokens, 1)[None, :],
-                                     top_k=moe.top_k, **kw)
-                    X = np.where(tokens[None, :] > 0, X, 0.0)
-                    rank_slots = per_replica.sum(axis=(1, 2)).astype(np.float64)
-            finishing = np.bincount(np.array([ch[0] for ch in load.chunks], dtype=np.int64), minlength=self.replicas)
-            head = self._per_replica("lm_head", load.decode + finishing,
-                                     lambda t: [c.lm_head(t)])
-            out.append(dict(A=A, S=S, X=X, D=D, C=C, head=head, comm=comm, dropped=dropped, slots=slots, rank_slots=rank_slots))
-        if M and self.a2a is not None:
-            for ph, (X, D, C, comm, dropped, rank_slots) in zip(out, self._expert_parallel(loads, kw)):
-                ph.update(X=X, D=D, C=C, comm=comm, dropped=dropped, rank_slots=rank_slots)
-        return out
+        n, R = len(loads), self.replicas
+        tokens = np.stack([load.tokens for load in loads])
+        # every layer's attention block plus its dense FFN or router, and the shared experts beside
+        # MoE layers, per replica: [loads, layers, replicas]
+        columns = self._token_columns(tokens.reshape(-1)).reshape(n, R, -1).transpose(0, 2, 1)
+        attention = np.stack([self._attention(load, decode) for load, decode in zip(loads, self._decode_cores(loads))])
+        finishing = [np.bincount(np.array([ch[0] for ch in load.chunks], dtype=np.int64), minlength=R) for load in loads]
+        ph = dict(A=attention[:, self.window_of] + columns[:, self.addend_of], S=columns[:, self.shared_of],
+                  head=self._per_replica("lm_head", np.concatenate([load.decode + f for load, f in zip(loads, finishing)]),
+                                         lambda t: [c.lm_head(t)]).reshape(n, R),
+                  slots=np.array([load.counts.sum() for load in loads], dtype=np.int64))
+        if not M:
+            return ph | dict(X=np.zeros((n, 0, R)), D=np.zeros((n, 0)), C=np.zeros((n, 0)), comm=np.zeros((n, len(self.devices))),
+                             dropped=np.zeros(n, dtype=np.int64), rank_slots=np.zeros((n, R)))
+        moe = arch.moe
+        kw = dict(hidden=arch.hidden, inter=moe.expert_inter, dtype=c.expert_dtype, expert_tp=lay.expert_tp, gated=moe.gated)
+        if self.a2a is not None:
+            return ph | self._expert_parallel(loads, tokens, kw)
+        X, D, C = np.zeros((n, M, R)), np.zeros((n, M)), np.zeros((n, M))
+        comm, rank_slots = np.zeros((n, len(self.devices))), np.zeros((n, R))
+        for i, load in enumerate(loads):
+            if lay.expert_tp > lay.tp:  # every replica computes a shard of every expert over the group's tokens
+                group = int(tokens[i].sum())
+                X[i] = expert_times(self.device, load.counts, tokens=max(group, 1), top_k=moe.top_k, **kw)[:, None]
+                gather = self._sum(("gather", group), lambda: [c.moe_gather_scatter(group)[0]]) if group else 0.0
+                scatter = self._sum(("scatter", group), lambda: [c.moe_gather_scatter(group)[1]]) if group else 0.0
+                D[i], C[i] = gather, scatter
+                comm[i] = M * (gather + scatter)
+                rank_slots[i] = float(load.counts.sum())
+            else:
+                per_replica = load.source if load.source is not None else self._split(load.counts, tokens[i])
+                X[i] = np.where(tokens[i][None, :] > 0, expert_times(self.device, np.moveaxis(per_replica, 0, 1),
+                                                                    tokens=np.maximum(tokens[i], 1)[None, :],
+                                                                    top_k=moe.top_k, **kw), 0.0)
+                rank_slots[i] = per_replica.sum(axis=(1, 2))
+        return ph | dict(X=X, D=D, C=C, comm=comm, dropped=np.zeros(n, dtype=np.int64), rank_slots=rank_slots)
 
     def _split(self, counts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """``[replicas, layers, experts]``: the group's counts shared out in proportion to tokens."""
@@ -309,11 +325,12 @@ class StepModel:
         out[int(share.argmax())] += counts - out.sum(axis=0)
         return out
 
-    def _expert_parallel(self, loads: list[StepLoad], kw: dict) -> list[tuple]:
-        """For each load: expert seconds ``[layers, ep]``, dispatch and combine seconds
-        ``[layers]``, link-busy seconds per device, slots dropped and slots per rank. The loads'
-        layers are stacked (``[loads * layers, ...]``) so that placement, dispatch, expert
-        kernels and the all-to-all run once for all of them."""
+    def _expert_parallel(self, loads: list[StepLoad], tokens: np.ndarray, kw: dict) -> dict:
+        """Stacked over the loads (each replica's ``tokens`` ``[loads, replicas]``): expert
+        seconds ``X`` ``[loads, layers, ep]``, dispatch and combine seconds ``D``, ``C``
+        ``[loads, layers]``, link-busy seconds per device ``comm``, slots ``dropped`` and slots per
+        rank ``rank_slots``. The loads' layers are stacked (``[loads * layers, ...]``) so that
+        placement, dispatch, expert kernels and the all-to-all run once for all of them."""
         lay, h = self.layout, self.arch.hidden
         ep, n = lay.ep, len(loads)
         M = loads[0].counts.shape[0]
@@ -330,7 +347,9 @@ class StepModel:
         replica_of_rank = (np.arange(ep) * lay.expert_tp) // lay.tp
         ranks_per_replica = max(1, lay.tp // lay.expert_tp)
         a2a, bytes_out, bytes_back = self.a2a, h * self.costing.dispatch_element_bytes, h * dtype_bytes("bf16")
-        share = np.stack([self._source_share(ld, replica_of_rank, ranks_per_replica) for ld in loads])  # [n, ep]
+        # source rank i sends its replica's share of the tokens, split over the replica's ranks: [n, ep]
+        tokens = tokens.astype(np.float64)
+        share = tokens[:, replica_of_rank] / ranks_per_replica / np.maximum(tokens.sum(axis=1), 1)[:, None]
         if moved is None and all(ld.source is None for ld in loads):
             # count level: source i sends share[i] of every rank's slots (a rank-one matrix)
             d_rank, c_rank = (x.reshape(n * M, ep) for x in a2a.rank_times_rank_one(share, recv.reshape(n, M, ep), bytes_out, bytes_back))
@@ -349,13 +368,8 @@ class StepModel:
                 d_rank[part], c_rank[part] = a2a.rank_times(dispatch), a2a.rank_times(combine)
         # a layer whose ranks compute slots is one where slots move (and pays the latency)
         D, C, busy, received = exchange_maxima(d_rank, c_rank, recv, float(a2a.latency), n)
-        return [(X[i * M:(i + 1) * M], D[i * M:(i + 1) * M], C[i * M:(i + 1) * M], np.repeat(busy[i], lay.expert_tp),
-                 int(dropped[i * M:(i + 1) * M].sum()), received[i]) for i in range(n)]
-
-    @staticmethod
-    def _source_share(load: StepLoad, replica_of_rank: np.ndarray, ranks_per_replica: int) -> np.ndarray:
-        tokens = load.tokens.astype(np.float64)
-        return tokens[replica_of_rank] / ranks_per_replica / max(tokens.sum(), 1)
+        return dict(X=X.reshape(n, M, ep), D=D.reshape(n, M), C=C.reshape(n, M), comm=np.repeat(busy, lay.expert_tp, axis=1),
+                    dropped=dropped.reshape(n, M).sum(axis=1), rank_slots=received)
 
     # -- the step ---------------------------------------------------------------------------
     def cost(self, load: StepLoad, *, detail: bool = False) -> StepCost:
@@ -364,7 +378,8 @@ class StepModel:
         if self.overlap == "two_microbatch" and self.arch.is_moe:
             halves = self._phases_many([load.half(True), load.half(False)])
             duration, spans = self._two_microbatch(halves, detail)
-            ph = {key: halves[0][key] + halves[1][key] for key in ("A", "S", "X", "head", "comm", "slots", "dropped", "rank_slots")}
+            # both halves' sums (of two: their sum in NumPy's order)
+            ph = {key: halves[key].sum(axis=0) for key in ("A", "S", "X", "head", "comm", "slots", "dropped", "rank_slots")}
         else:
             ph = self._phases(load)
             duration, spans = self._sequential(ph, detail)
@@ -375,7 +390,7 @@ class StepModel:
             experts = ph["X"].sum(axis=0)[np.arange(len(self.devices)) // lay.expert_tp]
         else:
             experts = ph["X"].sum(axis=0)[rep]
-        return StepCost(duration, attention, experts, ph["comm"], ph["slots"], ph["dropped"], ph["rank_slots"], spans)
+        return StepCost(duration, attention, experts, ph["comm"], int(ph["slots"]), int(ph["dropped"]), ph["rank_slots"], spans)
 
     def _segments(self, ph: dict, exclude_shared: bool) -> np.ndarray:
         """``[moe layers, replicas]``: compute each replica runs before each MoE layer's barrier."""
@@ -385,7 +400,8 @@ class StepModel:
         return np.add.reduceat(A, self.segment_starts, axis=0) if self.segment_starts.size else np.zeros((0, A.shape[1]))
 
     def _tail(self, ph: dict) -> np.ndarray:
-        return ph["A"][self.tail_start:].sum(axis=0) + ph["head"]
+        """``[..., replicas]``: the layers after the last MoE layer and the LM head."""
+        return ph["A"][..., self.tail_start:, :].sum(axis=-2) + ph["head"]
 
     def _sequential(self, ph: dict, detail: bool):
         shared = self.overlap == "shared_expert"
@@ -422,15 +438,15 @@ class StepModel:
             out.append((d, "compute", "attention+head", t, t + tail[d // lay.tp]))
         return out
 
-    def _two_microbatch(self, halves: list[dict], detail: bool):
+    def _two_microbatch(self, halves: dict, detail: bool):
+        """The step's duration (and spans) from both halves' :meth:`_phases_many`."""
         # each half's slowest replica before each MoE layer's dispatch, shared experts included
-        segs = np.stack([segment_maxima(h["A"][:self.tail_start], h["S"][:self.tail_start], self.segment_starts) for h in halves])
-        xs = np.stack([h["X"].max(axis=1) for h in halves])
-        tail = max(self._tail(h).max() for h in halves) * 2
+        segs = np.stack([segment_maxima(A[:self.tail_start], S[:self.tail_start], self.segment_starts)
+                         for A, S in zip(halves["A"], halves["S"])])
+        xs = halves["X"].max(axis=2)
+        tail = self._tail(halves).max() * 2
         if not detail:  # the compiled recurrence; the loop below is its reference and records spans
-            end = two_microbatch_end(segs, xs, np.stack([halves[0]["D"], halves[1]["D"]]),
-                                     np.stack([halves[0]["C"], halves[1]["C"]]))
-            return float(end + tail), []
+            return float(two_microbatch_end(segs, xs, halves["D"], halves["C"]) + tail), []
         comp = comm = 0.0
         done = [0.0, 0.0]  # each half's last combine
         spans = []
@@ -440,7 +456,7 @@ class StepModel:
                 start = max(comp, done[i])
                 comp = start + segs[i][m]
                 d_start = max(comm, comp)
-                comm = d_start + halves[i]["D"][m]
+                comm = d_start + halves["D"][i][m]
                 ends.append(comm)
                 if detail:
                     spans += [(-1, "compute", f"attention mb{i}", start, comp), (-1, "comm", f"dispatch mb{i}", d_start, comm)]
@@ -448,7 +464,7 @@ class StepModel:
                 start = max(comp, ends[i])
                 comp = start + xs[i][m]
                 c_start = max(comm, comp)
-                comm = c_start + halves[i]["C"][m]
+                comm = c_start + halves["C"][i][m]
                 done[i] = comm
                 if detail:
                     spans += [(-1, "compute", f"experts mb{i}", start, comp), (-1, "comm", f"combine mb{i}", c_start, comm)]
