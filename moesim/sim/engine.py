@@ -16,8 +16,8 @@ engines.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
-from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,7 +68,9 @@ class _Group:
         R = cfg.model.replicas
         self.R = R
         self.queues = [deque() for _ in range(R)]
-        self.running: list[list[int]] = [[] for _ in range(R)]
+        # each replica's running sequences in admission order, as machine integers: a step reads
+        # them all as one array by joining their bytes (a step can run thousands)
+        self.running: list[array] = [array("q") for _ in range(R)]
         self.free = np.full(R, cfg.kv_blocks, dtype=np.int64)
         self.next_replica = 0
         self.wakeup: simpy.Event | None = None
@@ -176,7 +178,7 @@ class _Group:
         """The running sequences (``ids`` replica by replica, ``rep`` their replicas), which
         decode this step, which of those need a new KV block, and how many per replica."""
         lengths = np.fromiter(map(len, self.running), dtype=np.int64, count=self.R)
-        ids = np.fromiter(chain.from_iterable(self.running), dtype=np.int64, count=int(lengths.sum()))
+        ids = np.frombuffer(b"".join(self.running), dtype=np.int64)
         rep = np.repeat(np.arange(self.R), lengths)
         ready = self.prefilled[ids] >= self.target[ids]
         dec = ready

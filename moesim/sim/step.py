@@ -68,17 +68,15 @@ class StepLoad:
 
     def half(self, first: bool) -> StepLoad:
         """One of two micro-batches: the sequences of each replica cut in two."""
-        def cut(x):
-            return (x + 1) // 2 if first else x // 2
+        decode = (self.decode + 1) // 2 if first else self.decode // 2
         chunks = self.chunks[0::2] if first else self.chunks[1::2]
         prefill = np.zeros_like(self.prefill)
         for replica, tokens, _ in chunks:
             prefill[replica] += tokens
-        total = max(int(self.tokens.sum()), 1)
-        share = (cut(self.decode) + prefill).sum() / total
-        counts = _scaled(self.counts, float(share), 0.5 if first else 0.0)
-        source = None if self.source is None else _scaled(self.source, float(share), 0.0)
-        return StepLoad(cut(self.decode), self.kv, prefill, chunks, counts, source)
+        share = float((decode.sum() + prefill.sum()) / max(int(self.decode.sum() + self.prefill.sum()), 1))
+        counts = _scaled(self.counts, share, 0.5 if first else 0.0)
+        source = None if self.source is None else _scaled(self.source, share, 0.0)
+        return StepLoad(decode, self.kv, prefill, chunks, counts, source)
 
 
 def _scaled(counts: np.ndarray, share: float, offset: float) -> np.ndarray:
@@ -246,26 +244,27 @@ class StepModel:
                 out[:, w] = np.where(decoding, self.costing.decode_core(layer, batch, kv).time, 0.0).reshape(len(loads), R)
         return out
 
-    def _attention(self, load: StepLoad, decode: np.ndarray) -> np.ndarray:
-        """``[windows, replicas]``: the attention block per replica for each sliding window, from
-        its decode attention ``decode`` (:meth:`_decode_cores`)."""
-        c = self.costing
-        tokens = load.tokens
+    def _attention(self, loads: list[StepLoad], tokens: np.ndarray, decode: np.ndarray) -> np.ndarray:
+        """``[loads, windows, replicas]``: the attention block per replica for each sliding window,
+        from each replica's ``tokens`` ``[loads, replicas]`` and decode attention ``decode``
+        (:meth:`_decode_cores`, added to in place)."""
+        c, n = self.costing, len(loads)
         # the projections of (tokens, prompt tokens): decode-only replicas read a table over
         # tokens, the few with prompt tokens a memo of the pair
-        prefilling = load.prefill > 0
-        proj = self._per_replica("proj", np.where(prefilling, 0, tokens), lambda t: sum(c.projections(t, 0), []))
-        for r in np.flatnonzero(prefilling).tolist():
-            t, p = int(tokens[r]), int(load.prefill[r])
-            proj[r] = self._sum(("proj", t, p), lambda: sum(c.projections(t, p), []))
-        out = np.zeros_like(decode)
+        prefill = np.stack([load.prefill for load in loads])
+        prefilling = prefill > 0
+        proj = self._per_replica("proj", np.where(prefilling, 0, tokens).reshape(-1),
+                                 lambda t: sum(c.projections(t, 0), [])).reshape(n, -1)
+        for i, r in zip(*(x.tolist() for x in np.nonzero(prefilling))):
+            t, p = int(tokens[i, r]), int(prefill[i, r])
+            proj[i, r] = self._sum(("proj", t, p), lambda: sum(c.projections(t, p), []))
         for w, (window, layer) in enumerate(zip(self.windows, self.window_layers)):
-            core = decode[w].copy()
-            for replica, chunk, context in load.chunks:
-                core[replica] += self._sum(("prefill", window, chunk, context),
-                                           lambda: [c.prefill_core(layer, 1, chunk, context)])
-            out[w] = proj + core
-        return out
+            for i, load in enumerate(loads):
+                for replica, chunk, context in load.chunks:
+                    decode[i, w, replica] += self._sum(("prefill", window, chunk, context),
+                                                       lambda: [c.prefill_core(layer, 1, chunk, context)])
+        decode += proj[:, None, :]
+        return decode
 
     def _phases(self, load: StepLoad) -> dict:
         """Per layer and rank: compute before the barrier, shared experts, dispatch, experts,
@@ -283,7 +282,7 @@ class StepModel:
         # every layer's attention block plus its dense FFN or router, and the shared experts beside
         # MoE layers, per replica: [loads, layers, replicas]
         columns = self._token_columns(tokens.reshape(-1)).reshape(n, R, -1).transpose(0, 2, 1)
-        attention = np.stack([self._attention(load, decode) for load, decode in zip(loads, self._decode_cores(loads))])
+        attention = self._attention(loads, tokens, self._decode_cores(loads))
         finishing = [np.bincount(np.array([ch[0] for ch in load.chunks], dtype=np.int64), minlength=R) for load in loads]
         ph = dict(A=attention[:, self.window_of] + columns[:, self.addend_of], S=columns[:, self.shared_of],
                   head=self._per_replica("lm_head", np.concatenate([load.decode + f for load, f in zip(loads, finishing)]),
