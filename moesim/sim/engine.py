@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
+from moesim.sim.kernels import classify
 from moesim.sim.resources import SharedLink
 from moesim.sim.step import StepLoad, StepModel
 
@@ -140,19 +141,18 @@ class _Group:
         prompt chunks ``(replica, request, tokens, context)``. Every running sequence is
         classified at once over arrays; only replicas that must preempt or that hold prompts
         to chunk are walked one request at a time."""
-        ids, rep, dec, grow, grow_per = self._classify()
+        ids, rep, dec, grow, grow_per, prefilling = self._classify()
         short = np.flatnonzero(grow_per > self.free)
         if short.size:
             for r in short.tolist():
                 # KV growth: a decode token that starts a block takes a free one, else the
                 # newest sequence is preempted until the rest fit
                 while np.count_nonzero(grow[rep == r]) > self.free[r] and self._preempt(r):
-                    ids, rep, dec, grow, grow_per = self._classify()
+                    ids, rep, dec, grow, grow_per, prefilling = self._classify()
         self.blocks[ids[grow]] += 1
         self.free -= grow_per
         decode_ids = ids[dec]
         chunks: list[tuple[int, int, int, int]] = []  # (replica, request, tokens, context)
-        prefilling = ~dec & (self.prefilled[ids] < self.target[ids])
         if prefilling.any():
             cfg = self.cfg
             budgets = cfg.max_batched_tokens - np.bincount(rep[dec], minlength=self.R)
@@ -176,16 +176,13 @@ class _Group:
 
     def _classify(self):
         """The running sequences (``ids`` replica by replica, ``rep`` their replicas), which
-        decode this step, which of those need a new KV block, and how many per replica."""
+        decode this step, which of those need a new KV block, how many per replica, and which
+        still prefill (:func:`moesim.sim.kernels.classify`; without chunked prefill a replica
+        with a prompt to prefill runs it alone)."""
         lengths = np.fromiter(map(len, self.running), dtype=np.int64, count=self.R)
         ids = np.frombuffer(b"".join(self.running), dtype=np.int64)
-        rep = np.repeat(np.arange(self.R), lengths)
-        ready = self.prefilled[ids] >= self.target[ids]
-        dec = ready
-        if not self.cfg.chunked_prefill:  # a replica with a prompt to prefill runs it alone
-            dec = ready & (np.bincount(rep[~ready], minlength=self.R) == 0)[rep]
-        grow = dec & (self.context[ids] % self.cfg.block_size == 0)
-        return ids, rep, dec, grow, np.bincount(rep[grow], minlength=self.R)
+        return (ids, *classify(ids, lengths, self.prefilled, self.target, self.context, self.cfg.block_size,
+                               self.cfg.chunked_prefill))
 
     def _schedule_reference(self):
         """:meth:`_schedule` one replica and one request at a time (the reference the tests

@@ -4,7 +4,8 @@
 layers, the loop :meth:`moesim.sim.step.StepModel._two_microbatch` runs in Python when it also
 records spans (the reference); :func:`segment_maxima`: the slowest replica's compute before each
 MoE layer; :func:`scaled_floor`: a micro-batch's share of a step's counts; :func:`rank_slots` and
-:func:`exchange_maxima`: the expert-parallel layers' per-rank slots and all-to-all maxima.
+:func:`exchange_maxima`: the expert-parallel layers' per-rank slots and all-to-all maxima;
+:func:`classify`: the scheduler's view of the running sequences.
 """
 
 from __future__ import annotations
@@ -110,3 +111,32 @@ def exchange_maxima(dispatch: np.ndarray, combine: np.ndarray, slots: np.ndarray
         extra = latency if moved > 0 else 0.0
         D[i], C[i] = d_max + extra, c_max + extra
     return D, C, busy, received
+
+
+@numba.njit(cache=True)
+def classify(ids: np.ndarray, lengths: np.ndarray, prefilled: np.ndarray, target: np.ndarray, context: np.ndarray,
+             block_size: int, chunked: bool):
+    """The running sequences ``ids`` (replica by replica, ``lengths`` of each) seen by the
+    scheduler: each one's replica, whether it decodes this step (its prompt is prefilled;
+    without chunked prefill, and no prompt of its replica still waits), whether that decode
+    token starts a new KV block (``context`` a multiple of ``block_size`` tokens), the new
+    blocks per replica, and whether it still has prompt tokens to prefill."""
+    n, R = ids.size, lengths.size
+    rep = np.empty(n, dtype=np.int64)
+    dec, grow, prefilling = np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.bool_)
+    grow_per = np.zeros(R, dtype=np.int64)
+    i = 0
+    for r in range(R):
+        start = i
+        waiting = False
+        for _ in range(lengths[r]):
+            q = ids[i]
+            rep[i] = r
+            prefilling[i] = prefilled[q] < target[q]
+            waiting |= prefilling[i]
+            i += 1
+        for j in range(start, i):
+            dec[j] = not prefilling[j] and (chunked or not waiting)
+            grow[j] = dec[j] and context[ids[j]] % block_size == 0
+            grow_per[r] += grow[j]
+    return rep, dec, grow, grow_per, prefilling
