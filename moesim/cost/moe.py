@@ -77,15 +77,17 @@ def _moe_device_figures(device, dtype: str) -> _MoeDevice:
 
 @numba.njit(inline="always", cache=True)
 def _tile_edge(size, largest, smallest):
-    """:func:`moesim.cost.gemm._tile`: the next power of two, clamped. Doubling from 1 up to the
-    size (or the clamp): a few multiplications cost less than Numba's frexp / ldexp calls."""
-    whole = max(math.ceil(size), 1.0)
+    """:func:`moesim.cost.gemm._tile`: the next power of two, clamped (``smallest``: a power of
+    two). Doubling from ``smallest`` up to the size (or the clamp): a few multiplications cost
+    less than Numba's frexp / ldexp calls, and a decode rank's few rows need none."""
+    whole = np.ceil(size)
+    whole = 1.0 if 1.0 > whole else whole
     if whole >= largest:
         return largest  # the next power of two is at least ``largest``
-    power = 1.0
+    power = smallest
     while power < whole:
         power *= 2.0
-    return min(max(power, smallest), largest)
+    return largest if largest < power else power
 
 
 @numba.njit(inline="always", cache=True)
@@ -115,23 +117,31 @@ def _then_quantise(fields, elements, d):
 
 
 @numba.njit(inline="always", cache=True)
-def _row_blocks(rows, tile_m, fixed):
-    """The row side of a grouped GEMM over ``rows[e]`` token rows per expert: (experts with
-    rows, rows, row block, row blocks). Both grouped GEMMs of a layer share it. The row block
-    follows the rows per expert up to ``tile_m``, or is ``fixed`` (> 0) for a kernel variant
-    that keeps one block size."""
+def _row_blocks(local, i, tile_m, fixed):
+    """The row side of a grouped GEMM over ``local[i, e]`` token rows per expert: (experts with
+    rows, rows, row block, row blocks, the fewest row blocks the rows could fill). Both grouped
+    GEMMs of a layer share it. The row block follows the rows per expert up to ``tile_m``, or
+    is ``fixed`` (> 0) for a kernel variant that keeps one block size. (Indexed, not a row
+    view, which costs two reference-count calls.)"""
+    rows = local.shape[1]
     active, total = 0, 0.0
-    for r in rows:
-        if r > 0:
-            active += 1
-            total += r
+    for e in range(rows):  # selects, not branches: which experts have rows is a coin toss at decode
+        r = local[i, e]
+        active += r > 0
+        total += r if r > 0 else 0
     if active == 0:
-        return 0.0, 0.0, 0.0, 0.0
-    block_m = fixed if fixed > 0.0 else _tile_edge(math.ceil(total / active), tile_m, 16.0)
+        return 0.0, 0.0, 0.0, 0.0, 0.0
+    block_m = fixed if fixed > 0.0 else _tile_edge(total / active, tile_m, 16.0)
     row_blocks = 0.0
-    for r in rows:
-        row_blocks += math.ceil(r / block_m)
-    return float(active), total, block_m, row_blocks
+    whole = np.int64(block_m)
+    if whole == block_m and whole & (whole - 1) == 0:
+        inverse = 1.0 / block_m  # exact for a power of two: the same quotients as dividing, without the divisions
+        for e in range(rows):
+            row_blocks += np.ceil(local[i, e] * inverse)
+        return float(active), total, block_m, row_blocks, np.ceil(total * inverse)
+    for e in range(rows):
+        row_blocks += np.ceil(local[i, e] / block_m)
+    return float(active), total, block_m, row_blocks, np.ceil(total / block_m)
 
 
 @numba.njit(inline="always", cache=True)
@@ -191,17 +201,17 @@ def _small_batch(slots, experts, d):
 
 
 @numba.njit(inline="always", cache=True)
-def _grouped_core(rows, foreign, n, k, in_bytes, out_bytes, small, d, out):
-    """One grouped GEMM (:func:`_grouped_fields`) over ``rows[e]`` token rows per local expert;
+def _grouped_core(local, i, foreign, n, k, in_bytes, out_bytes, small, d, out):
+    """One grouped GEMM (:func:`_grouped_fields`) over ``local[i, e]`` token rows per local expert;
     experts with no rows cost nothing (their weights are not read). Writes :data:`_FIELDS` into
     ``out``; returns (experts with rows, rows, row block)."""
-    active, total, block_m, row_blocks = _row_blocks(rows, d.tile_m, d.row_block)
+    active, total, block_m, row_blocks, _ = _row_blocks(local, i, d.tile_m, d.row_block)
     out[:] = 0.0
     if active == 0:
         return 0.0, 0.0, 0.0
     out[0], out[1], out[2], out[3], out[4], out[5] = _grouped_fields(active, total, block_m, row_blocks, foreign, n, k,
                                                                      _weight_side(n, k, d), in_bytes, out_bytes, small,
-                                                                     float(rows.size), d)
+                                                                     float(local.shape[1]), d)
     return active, total, block_m
 
 
@@ -232,27 +242,27 @@ def _combine_work(t, hidden, top_k):
 
 
 @numba.njit(inline="always", cache=True)
-def _moe_rank(local, foreign, t, num_experts, hidden, shard, top_k, gated, d, parts, info):
-    """The kernels after the router of one MoE layer on one rank, from ``local`` token rows per
-    local expert, ``foreign`` rows of other ranks' experts and ``t`` tokens: writes each part's
+def _moe_rank(local, i, foreign, t, num_experts, hidden, shard, top_k, gated, d, parts, info):
+    """The kernels after the router of one MoE layer on rank ``i``, from ``local[i]`` token rows
+    per local expert, ``foreign`` rows of other ranks' experts and ``t`` tokens: writes each part's
     :data:`_FIELDS` into ``parts`` ``[parts, fields]`` and the grouped GEMMs' (experts, rows,
     row block) into ``info`` ``[2, 3]``."""
     parts[:] = 0.0
-    rows = local.sum()
+    rows = local[i].sum()
     flops, bytes_moved = _topk_work(t, num_experts)
     _vector_kernel(flops, bytes_moved, d, parts[0])
     flops, bytes_moved = _align_work(t * top_k)
     out = parts[1]
     out[0], out[1], out[2], out[3], out[4], out[5] = _then_quantise(_vector_fields(flops, bytes_moved, d), t * hidden, d)
     up_n = 2 * shard if gated else shard
-    small = _small_batch(t * top_k, local.size, d)
-    info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, foreign, up_n, hidden, d.act_bytes, 2.0, small, d, parts[2])
+    small = _small_batch(t * top_k, local.shape[1], d)
+    info[0, 0], info[0, 1], info[0, 2] = _grouped_core(local, i, foreign, up_n, hidden, d.act_bytes, 2.0, small, d, parts[2])
     if rows > 0:
         flops, bytes_moved = _activation_work(rows, shard, gated)
         out = parts[3]
         out[0], out[1], out[2], out[3], out[4], out[5] = _then_quantise(_vector_fields(flops, bytes_moved, d), rows * shard,
                                                                         d)
-    info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, foreign, hidden, shard, 2.0, 2.0, small, d, parts[4])
+    info[1, 0], info[1, 1], info[1, 2] = _grouped_core(local, i, foreign, hidden, shard, 2.0, 2.0, small, d, parts[4])
     flops, bytes_moved = _combine_work(t, hidden, top_k)
     _vector_kernel(flops, bytes_moved, d, parts[5])
 
@@ -265,7 +275,7 @@ def _moe_core(local, foreign, tokens, num_experts, hidden, shard, top_k, gated, 
     parts = np.zeros((ranks, len(_PARTS), len(_FIELDS)))
     info = np.zeros((ranks, 2, 3))
     for i in range(ranks):
-        _moe_rank(local[i], foreign[i], tokens[i], num_experts, hidden, shard, top_k, gated, d, parts[i], info[i])
+        _moe_rank(local, i, foreign[i], tokens[i], num_experts, hidden, shard, top_k, gated, d, parts[i], info[i])
     return parts, info
 
 
@@ -277,7 +287,7 @@ def _moe_times_reference(local, tokens, num_experts, hidden, shard, top_k, gated
     times = np.empty(ranks)
     parts, info = np.empty((len(_PARTS), len(_FIELDS))), np.empty((2, 3))
     for i in range(ranks):
-        _moe_rank(local[i], 0.0, tokens[i], num_experts, hidden, shard, top_k, gated, d, parts, info)
+        _moe_rank(local, i, 0.0, tokens[i], num_experts, hidden, shard, top_k, gated, d, parts, info)
         times[i] = parts[:, 0].sum()
     return times
 
@@ -287,7 +297,7 @@ def _known(table, row, x):
     """``table[row, x]`` when ``x`` is a whole number inside the table and already filled, else NaN."""
     if x >= table.shape[1] or x != math.floor(x):
         return np.nan
-    return table[row, int(x)]
+    return table[row, np.int64(x)]
 
 
 @numba.njit(cache=True)
@@ -308,16 +318,22 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
     up_side, down_side = _weight_side(up_n, hidden, d), _weight_side(hidden, shard, d)
     own = tokens.size == 0
     keep = own and ranks_table.shape[0] >= local.shape[1]
+    experts_kept = ranks_table.shape[1]
+    by_rank = ranks_table.reshape(ranks_table.shape[0] * experts_kept, ranks_table.shape[2])  # no view a rank
     largest = 0.0
+    idle = np.nan  # own tokens: the seconds of a rank without rows (one token), the same for all
     for i in range(ranks):
-        active, rows, block_m, row_blocks = _row_blocks(local[i], d.tile_m, d.row_block)
+        active, rows, block_m, row_blocks, fewest = _row_blocks(local, i, d.tile_m, d.row_block)
         t = max(rows, 1.0) if own else tokens[i]
         largest = max(largest, t)
+        if own and active == 0 and not np.isnan(idle):
+            times[i] = idle
+            continue
         beyond = 0
         if keep and active > 0:
             # the row blocks lie between the fewest the rows fill and that plus experts - 1
-            beyond = int(row_blocks - math.ceil(rows / block_m))
-            known = _known(ranks_table[int(active) - 1], beyond, rows)
+            beyond = np.int64(row_blocks - fewest)
+            known = _known(by_rank, (np.int64(active) - 1) * experts_kept + beyond, rows)
             if not np.isnan(known):
                 times[i] = known
                 continue
@@ -330,7 +346,7 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
             flops, bytes_moved = _combine_work(t, hidden, top_k)
             tail = _vector_fields(flops, bytes_moved, d)[0]
             if t < table.shape[1] and t == math.floor(t):
-                table[0, int(t)], table[2, int(t)] = head, tail
+                table[0, np.int64(t)], table[2, np.int64(t)] = head, tail
         seconds = head
         if active > 0:
             small = _small_batch(t * top_k, experts, d)
@@ -341,13 +357,15 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
                 flops, bytes_moved = _activation_work(rows, shard, gated)
                 activation = _then_quantise(_vector_fields(flops, bytes_moved, d), rows * shard, d)[0]
                 if rows < table.shape[1] and rows == math.floor(rows):
-                    table[1, int(rows)] = activation
+                    table[1, np.int64(rows)] = activation
             seconds += activation
             seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, small,
                                        experts, d)[0]
         times[i] = seconds + tail
+        if own and active == 0:
+            idle = times[i]
         if keep and active > 0 and rows < ranks_table.shape[2] and rows == math.floor(rows):
-            ranks_table[int(active) - 1, beyond, int(rows)] = times[i]
+            ranks_table[np.int64(active) - 1, beyond, np.int64(rows)] = times[i]
     return times, largest
 
 
