@@ -289,12 +289,19 @@ class AllToAll:
             combine = np.stack([self.rank_times_outer(c * bytes_back, s[None, :]) for s, c in zip(share, counts)])
             return dispatch, combine
         dispatch, combine = np.empty(counts.shape), np.empty(counts.shape)  # C order, as callers sum them along rows
-        capacity = np.full(self.ranks, -1.0) if self.capacity is None else self.capacity.astype(np.float64)
-        sums = np.stack([np.concatenate([row[None, :] @ self.mates, row[None, :] @ self.others])
-                         for s in share for row in (s * bytes_out, s)]).reshape(len(share), 4, self.ranks)
+        fixed = self.__dict__.get("_rank_one_links")
+        if fixed is None:  # the links do not change: worked out on the first call (it runs four times a step)
+            fixed = self._rank_one_links = (
+                self.local.astype(np.float64), np.full(self.ranks, -1.0) if self.capacity is None else self.capacity.astype(np.float64),
+                -1.0 if self.nic is None else float(self.nic))
+        sums = np.empty((len(share), 4, self.ranks))
+        for g, s in enumerate(share):
+            # one row at a time into ``sums``: the vector-matrix products of rank_times_outer, so the same roundings
+            for k, row in enumerate((s * bytes_out, s)):
+                np.matmul(row, self.mates, out=sums[g, 2 * k])
+                np.matmul(row, self.others, out=sums[g, 2 * k + 1])
         _rank_one_times(share, np.ascontiguousarray(counts), float(bytes_out), float(bytes_back), sums, self.node_index,
-                        self.local.astype(np.float64), capacity, -1.0 if self.nic is None else float(self.nic),
-                        self.algorithm == "hierarchical", dispatch, combine)
+                        *fixed, self.algorithm == "hierarchical", dispatch, combine)
         return dispatch, combine
 
     def _link_times(self, intra_send, intra_recv, inter_send, inter_recv) -> np.ndarray:
