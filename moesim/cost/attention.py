@@ -14,10 +14,12 @@ keys of ``qk_nope + qk_rope`` and values of ``v_head_dim``.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-from moesim.cost.roofline import OpCost, kernel
+from moesim.cost.roofline import OpCost, kernel, roofline
 from moesim.dtypes import dtype_bytes
+from moesim.routing.stream import PAIRWISE_MAX, _pairwise_sum
 
 _MLA_HEAD_TILE = 64
 _KEY_BLOCK = 128  # keys per block of flash-attention's decode loop (FlashAttention-3 on Hopper)
@@ -111,26 +113,44 @@ def _tiled_prefill_time(device, batch: int, seq: int, heads: int, kv_heads: int,
     ``prefill_fp8_block`` (an fp8 cache's blocks are rescaled and V transposed in shared
     memory)."""
     eff = device.efficiency
-    tile = eff.prefill_tile  # keys per block
-    rows = eff.prefill_rows.get(str(dims // 2), tile)  # query rows per CTA at this head dim
+    rows = eff.prefill_rows.get(str(dims // 2), eff.prefill_tile)  # query rows per CTA at this head dim
+    sm_rate = device.peak_flops("bf16") * peak_share / device.compute_units
+    times, total, longest, units = _prefill_tiles(seq, heads, kv_heads, dims, window or 0, context, rows,
+                                                  eff.prefill_tile, sm_rate, eff.prefill_pair,
+                                                  eff.prefill_fp8_block if fp8 else 0.0)
+    if total != total:  # more tiles than the compiled pairwise sum covers: NumPy adds them
+        total = float(times.sum())
+    ctas = batch * units * times.size
+    average = (batch * units * total + ctas * eff.prefill_cta) / device.compute_units
+    return max(average, longest)
+
+
+@numba.njit(cache=True)
+def _prefill_tiles(seq, heads, kv_heads, dims, window, context, rows, tile, sm_rate, pair, fp8_block):
+    """One CTA's seconds per query tile of :func:`_tiled_prefill_time` (``window`` 0: none),
+    their sum in NumPy's order (NaN past ``PAIRWISE_MAX`` tiles), the longest, and the CTAs a
+    tile takes per sequence (heads, or KV heads when packed). A compiled loop over the tiles,
+    integer where NumPy's arrays were, so the seconds are NumPy's bit for bit at a fraction of
+    the per-call cost (the simulator costs thousands of (chunk, context) pairs a run)."""
     group = max(1, heads // max(kv_heads, 1))
     packed = group > 1 and seq < rows
     per_tile = max(1, rows // group) if packed else rows  # query tokens one CTA covers
-    units = kv_heads if packed else heads
-    start = np.arange(0, seq, per_tile) + context  # each tile's first query, after the cached context
-    end = np.minimum(start + per_tile, context + seq)  # one past its last query: its causal key end
-    first = np.maximum(0, start - window) if window else np.zeros_like(start)
-    blocks = -(-end // tile) - first // tile
-    # rows a CTA computes: its valid query rows (times the packed heads) in whole 64-row warpgroup MMAs
-    used = np.minimum(rows, -(-(end - start) * (group if packed else 1) // 64) * 64)
-    tile_flops = 2.0 * used * tile * dims * blocks  # QK^T and PV over whole (rows x tile) blocks
-    sm_rate = device.peak_flops("bf16") * peak_share / device.compute_units
-    # the softmax of one block overlaps the tensor cores' work on another (FlashAttention-3's ping-pong)
-    tile_time = (np.maximum(tile_flops / sm_rate, blocks * used * tile * eff.prefill_pair)
-                 + blocks * (eff.prefill_fp8_block if fp8 else 0.0))
-    ctas = batch * units * len(start)
-    average = (batch * units * float(tile_time.sum()) + ctas * eff.prefill_cta) / device.compute_units
-    return max(average, float(tile_time.max()))
+    packs = group if packed else 1
+    times = np.empty(-(-seq // per_tile))
+    longest = 0.0
+    for i in range(times.size):
+        start = i * per_tile + context  # the tile's first query, after the cached context
+        end = min(start + per_tile, context + seq)  # one past its last query: its causal key end
+        first = max(0, start - window) if window else 0
+        blocks = -(-end // tile) - first // tile
+        # rows a CTA computes: its valid query rows (times the packed heads) in whole 64-row warpgroup MMAs
+        used = min(rows, -(-(end - start) * packs // 64) * 64)
+        tile_flops = 2.0 * used * tile * dims * blocks  # QK^T and PV over whole (rows x tile) blocks
+        # the softmax of one block overlaps the tensor cores' work on another (FlashAttention-3's ping-pong)
+        times[i] = max(tile_flops / sm_rate, blocks * used * tile * pair) + blocks * fp8_block
+        longest = max(longest, times[i])
+    total = _pairwise_sum(times, 0, times.size) if times.size <= PAIRWISE_MAX else np.nan
+    return times, total, longest, kv_heads if packed else heads
 
 
 def _fill(device, heads_times_batch: int, seq: int, block: int = 128) -> float:
@@ -157,6 +177,13 @@ def decode_attention_time(
     """One decode step: ``batch`` sequences, one new query token each, over ``kv_len`` cached
     tokens (capped at ``window`` for sliding layers). ``batch`` and ``kv_len`` may be arrays of
     equal shape (one decode batch each); ``time`` is then an array."""
+    if _compiled(batch, kv_len):
+        kv_size = dtype_bytes(kv_dtype)
+        cost = _decode_many(device, name, batch, kv_len, kv_size, _kv_key("", kv_dtype), head_dim,
+                            (0, num_heads, num_kv_heads, head_dim, window or 0, kv_size, 0, 0),
+                            device.efficiency.decode_block > 0)
+        cost.info = {"batch": batch, "kv_len": kv_len, "heads": num_heads, "kv_heads": num_kv_heads, "window": window}
+        return cost
     keys = np.minimum(kv_len, window) if window else kv_len
     flops = 4.0 * batch * num_heads * keys * head_dim
     kv_bytes = batch * keys * 2 * num_kv_heads * head_dim * dtype_bytes(kv_dtype)
@@ -229,6 +256,109 @@ def _fa3_splits(groups, blocks, sms: int, cap: int):
     return np.where(groups[..., 0] >= 0.8 * sms, 1, splits)
 
 
+def _compiled(batch, kv_len) -> bool:
+    """Whether a decode call takes the compiled element loop (:func:`_decode_many`): arrays of
+    one shape and one dtype of the two it is compiled for. Scalars (``moesim estimate``, the
+    CLI) keep the NumPy expressions, which are the loop's reference."""
+    return (type(batch) is np.ndarray and type(kv_len) is np.ndarray and batch.ndim > 0
+            and batch.shape == kv_len.shape and batch.dtype == kv_len.dtype and batch.dtype in (np.int64, np.float64))
+
+
+def _decode_many(device, name: str, batch: np.ndarray, kv_len: np.ndarray, kv_size: float, dequant: str,
+                 head_dim: int, shape: tuple, fa3: bool, compute_efficiency: float | None = None) -> OpCost:
+    """:func:`decode_attention_time` (``shape[0]`` 0) or :func:`mla_decode_time` (1) over arrays,
+    one compiled pass instead of some forty NumPy calls (the simulator costs every DP replica's
+    decode batch each step; NumPy's per-call cost, not the arithmetic, was the time). ``shape``:
+    (kind, heads, KV heads, head dim, window, KV bytes an element, latent, kv_lora rank); ``fa3``:
+    FlashAttention-3's grid (:func:`_decode_kernel` with ``blocks``). Each element runs the
+    NumPy path's operations in its order and types, so the seconds are its own bit for bit."""
+    eff = device.efficiency
+    if compute_efficiency is None:
+        compute_efficiency = eff.attention_prefill if eff.decode_compute is None else eff.decode_compute
+    peak = device.peak_flops("bf16")
+    figures = eff.kv_dequant
+    out = _decode_loop(batch.ravel(), kv_len.ravel(), shape, fa3, compute_efficiency, peak,
+                       device.compute_units, eff.decode_max_splits, eff.decode_block,
+                       eff.decode_per_sequence + head_dim * eff.decode_per_dim,
+                       device.memory.bandwidth * eff.memory, eff.attention_decode, float(eff.memory_latency),
+                       float(eff.roofline_p), 1 * device.launch_overhead, eff.attention_overhead,
+                       figures.get(dequant, 0.0), figures.get(f"{dequant}_call", 0.0))
+    time, compute, memory, launch, flops, bytes_moved = (x.reshape(batch.shape) for x in out)
+    return OpCost(name=name, time=time, compute_time=compute, memory_time=memory, launch_time=launch,
+                  flops=flops, bytes=bytes_moved)
+
+
+@numba.njit(cache=True)
+def _decode_loop(batch, kv_len, shape, fa3, compute_efficiency, peak, sms, cap, block_time, unit_time,
+                 bandwidth, stream, latency, p, launch, overhead, per_element, per_call):
+    """The element loop of :func:`_decode_many`: time, compute, memory and launch seconds,
+    FLOP and bytes per element."""
+    kind, heads, kv_heads, head_dim, window, kv_size, latent, lora = shape
+    n = batch.size
+    time, compute, memory = np.empty(n), np.empty(n), np.empty(n)
+    launches, flops_out, bytes_out = np.empty(n), np.empty(n), np.empty(n)
+    for i in range(n):
+        b, kv = batch[i], kv_len[i]
+        if kind == 0:
+            keys = min(kv, window) if window else kv
+            flops = 4.0 * b * heads * keys * head_dim
+            bytes_moved = b * keys * 2 * kv_heads * head_dim * kv_size + b * heads * head_dim * 2 * 2.0
+            groups = b * kv_heads
+            elements = b * keys * 2 * kv_heads * head_dim
+            # key blocks a CTA walks: a sliding window ending past it straddles one block more than it fills
+            blocks = -(-kv // _KEY_BLOCK)
+            if window:
+                blocks = min(blocks, -(-window // _KEY_BLOCK) + 1)
+        else:
+            keys = kv
+            flops = 2.0 * b * heads * kv * (latent + lora)
+            bytes_moved = b * kv * latent * kv_size + b * heads * (latent + lora) * 2.0
+            groups = b * -(-heads // _MLA_HEAD_TILE)
+            elements = b * kv * latent
+            blocks = kv
+        units = groups * unit_time
+        if fa3:
+            splits = _fa3_split(groups, blocks, sms, cap)
+            per_cta = -(-blocks // splits) * block_time
+            work = units + groups * splits * per_cta / sms
+            arithmetic = flops / (peak * compute_efficiency)
+            busy = max(max(max(arithmetic, work), per_cta), 1e-18)
+            c, m, body = roofline(flops, bytes_moved, peak * (flops / (peak * busy)), bandwidth * stream, latency, p)
+            combine = launch if splits > 1 else 0.0
+            time[i] = launch + body + combine + overhead
+            launches[i] = launch + combine + overhead
+        else:
+            spread = max(1, min(-(-keys // 256), -(-sms // max(groups, 1))))  # splits of the older model
+            busy = min(1.0, groups * spread / sms)
+            c, m, body = roofline(flops, bytes_moved, peak * compute_efficiency, bandwidth * (stream * max(busy, 0.05)),
+                                  latency, p)
+            time[i] = launch + body + overhead + units
+            launches[i] = launch + overhead + units
+        # adding a zero dequantisation leaves the (non-negative) seconds as they are
+        extra = per_element * elements + per_call
+        time[i] += extra
+        compute[i], memory[i], flops_out[i], bytes_out[i] = c + extra, m, flops, bytes_moved
+    return time, compute, memory, launches, flops_out, bytes_out
+
+
+@numba.njit(inline="always", cache=True)
+def _fa3_split(groups, blocks, sms, cap):
+    """:func:`_fa3_splits` of one group count."""
+    g = float(groups)
+    best = 0.0
+    for c in range(1, cap + 1):
+        waves = g * c / sms
+        if c <= min(blocks, cap):
+            best = max(best, waves / max(np.ceil(waves), 1.0))
+    if g >= 0.8 * sms:
+        return 1
+    for c in range(1, cap + 1):
+        waves = g * c / sms
+        if (waves / max(np.ceil(waves), 1.0) if c <= min(blocks, cap) else 0.0) >= 0.85 * best:
+            return c
+    return 1
+
+
 def _kv_key(kernel: str, kv_dtype: str) -> str:
     """``kv_dequant``'s key for a kernel family ('' or 'mla') over a KV cache of ``kv_dtype``."""
     dtype = "fp8" if "fp8" in kv_dtype.lower() else kv_dtype.lower()
@@ -260,6 +390,13 @@ def mla_decode_time(
     """One absorbed-MLA decode step over ``kv_len`` cached latents (heads already divided by TP);
     ``batch`` and ``kv_len`` may be arrays, as for :func:`decode_attention_time`."""
     latent = kv_lora_rank + qk_rope_head_dim
+    if _compiled(batch, kv_len):
+        kv_size = dtype_bytes(kv_dtype)
+        cost = _decode_many(device, name, batch, kv_len, kv_size, _kv_key("mla", kv_dtype), 0,
+                            (1, num_heads, 0, 0, 0, kv_size, latent, kv_lora_rank), False,
+                            device.efficiency.mla_decode)
+        cost.info = {"batch": batch, "kv_len": kv_len, "heads": num_heads}
+        return cost
     flops = 2.0 * batch * num_heads * kv_len * (latent + kv_lora_rank)
     bytes_moved = batch * kv_len * latent * dtype_bytes(kv_dtype) + batch * num_heads * (latent + kv_lora_rank) * 2.0
     # FlashMLA tiles the heads of one sequence 64 at a time: a tile is one work unit
