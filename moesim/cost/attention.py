@@ -283,7 +283,9 @@ def _decode_many(device, name: str, batch: np.ndarray, kv_len: np.ndarray, kv_si
                        device.memory.bandwidth * eff.memory, eff.attention_decode, float(eff.memory_latency),
                        float(eff.roofline_p), 1 * device.launch_overhead, eff.attention_overhead,
                        figures.get(dequant, 0.0), figures.get(f"{dequant}_call", 0.0))
-    time, compute, memory, launch, flops, bytes_moved = (x.reshape(batch.shape) for x in out)
+    if batch.ndim > 1:
+        out = [x.reshape(batch.shape) for x in out]
+    time, compute, memory, launch, flops, bytes_moved = out
     return OpCost(name=name, time=time, compute_time=compute, memory_time=memory, launch_time=launch,
                   flops=flops, bytes=bytes_moved)
 
