@@ -5,6 +5,7 @@ layers, the loop :meth:`moesim.sim.step.StepModel._two_microbatch` runs in Pytho
 records spans (the reference); :func:`segment_maxima`: the slowest replica's compute before each
 MoE layer; :func:`scaled_floor`: a micro-batch's share of a step's counts; :func:`rank_slots` and
 :func:`exchange_maxima`: the expert-parallel layers' per-rank slots and all-to-all maxima;
+:func:`busy_seconds`: a step's compute seconds per replica and per rank;
 :func:`classify`: the scheduler's view of the running sequences.
 """
 
@@ -140,3 +141,36 @@ def classify(ids: np.ndarray, lengths: np.ndarray, prefilled: np.ndarray, target
             grow[j] = dec[j] and context[ids[j]] % block_size == 0
             grow_per[r] += grow[j]
     return rep, dec, grow, grow_per, prefilling
+
+
+@numba.njit(cache=True)
+def busy_seconds(compute: np.ndarray, shared: np.ndarray, head: np.ndarray, experts: np.ndarray):
+    """A step's seconds of compute outside the routed experts per replica, and of routed experts
+    per rank, from its loads' (micro-batches') per-layer seconds ``compute`` and ``shared``
+    ``[loads, layers, replicas]``, ``head`` ``[loads, replicas]`` and ``experts`` ``[loads, moe
+    layers, ranks]``: the loads summed first, then the layers in order, in one pass instead of
+    NumPy's seven (the same additions in the same order: the same roundings)."""
+    n, L, R = compute.shape
+    attention = np.empty(R)
+    for r in range(R):
+        c = s = 0.0
+        for l in range(L):
+            x, y = compute[0, l, r], shared[0, l, r]
+            for i in range(1, n):
+                x += compute[i, l, r]
+                y += shared[i, l, r]
+            c += x
+            s += y
+        h = head[0, r]
+        for i in range(1, n):
+            h += head[i, r]
+        attention[r] = c + s + h
+    M, K = experts.shape[1], experts.shape[2]
+    routed = np.zeros(K)
+    for m in range(M):
+        for k in range(K):
+            x = experts[0, m, k]
+            for i in range(1, n):
+                x += experts[i, m, k]
+            routed[k] += x
+    return attention, routed

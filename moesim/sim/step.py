@@ -41,7 +41,7 @@ from moesim.dtypes import dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
 from moesim.models.arch import ModelArch
 from moesim.sim.dispatch import Dispatch
-from moesim.sim.kernels import exchange_maxima, rank_slots, scaled_floor, segment_maxima, two_microbatch_end
+from moesim.sim.kernels import busy_seconds, exchange_maxima, rank_slots, scaled_floor, segment_maxima, two_microbatch_end
 from moesim.sim.placement import Placement
 
 OVERLAP = ("none", "shared_expert", "two_microbatch")
@@ -169,6 +169,10 @@ class StepModel:
             self.expert_bytes = per_expert * weight_bytes_per_param(expert_dtype) / layout.expert_tp
         self._memo: dict = {}
         self._tables: dict[str, np.ndarray] = {}  # _per_replica's seconds per token count
+        self.two_microbatch = overlap == "two_microbatch" and arch.is_moe
+        # each device's replica, and the column of the experts' seconds it reads (its EP rank)
+        self._device_replica = np.arange(len(self.devices)) // layout.tp
+        self._device_experts = np.arange(len(self.devices)) // layout.expert_tp if self.a2a is not None else self._device_replica
         # what each layer adds to its attention block, per replica, from the replica's tokens:
         # column 0 nothing, then each dense FFN width, then the MoE layers' router (with the
         # shared experts beside it in the last column); one table over tokens holds them all
@@ -374,22 +378,15 @@ class StepModel:
     def cost(self, load: StepLoad, *, detail: bool = False) -> StepCost:
         """The step's duration and per-device busy seconds; ``detail`` also returns the spans of
         every layer on every device (for a timeline)."""
-        if self.overlap == "two_microbatch" and self.arch.is_moe:
-            halves = self._phases_many([load.half(True), load.half(False)])
-            duration, spans = self._two_microbatch(halves, detail)
-            # both halves' sums (of two: their sum in NumPy's order)
-            ph = {key: halves[key].sum(axis=0) for key in ("A", "S", "X", "head", "comm", "slots", "dropped", "rank_slots")}
+        if self.two_microbatch:
+            ph = self._phases_many([load.half(True), load.half(False)])
+            duration, spans = self._two_microbatch(ph, detail)
         else:
-            ph = self._phases(load)
-            duration, spans = self._sequential(ph, detail)
-        lay = self.layout
-        rep = np.arange(len(self.devices)) // lay.tp
-        attention = (ph["A"].sum(axis=0) + ph["S"].sum(axis=0) + ph["head"])[rep]
-        if self.a2a is not None:
-            experts = ph["X"].sum(axis=0)[np.arange(len(self.devices)) // lay.expert_tp]
-        else:
-            experts = ph["X"].sum(axis=0)[rep]
-        return StepCost(duration, attention, experts, ph["comm"], int(ph["slots"]), int(ph["dropped"]), ph["rank_slots"], spans)
+            ph = self._phases_many([load])
+            duration, spans = self._sequential({key: value[0] for key, value in ph.items()}, detail)
+        attention, experts = busy_seconds(ph["A"], ph["S"], ph["head"], ph["X"])
+        return StepCost(duration, attention[self._device_replica], experts[self._device_experts], ph["comm"].sum(axis=0),
+                        int(ph["slots"].sum()), int(ph["dropped"].sum()), ph["rank_slots"].sum(axis=0), spans)
 
     def _segments(self, ph: dict, exclude_shared: bool) -> np.ndarray:
         """``[moe layers, replicas]``: compute each replica runs before each MoE layer's barrier."""
