@@ -316,10 +316,12 @@ def test_segment_maxima_are_numpys_segment_sums_then_maxima():
     from moesim.sim.kernels import segment_maxima
 
     rng = np.random.default_rng(5)
-    for layers, replicas in ((61, 64), (4, 1), (30, 8)):
-        A, S = rng.random((layers, replicas)), rng.random((layers, replicas)) * (rng.random((layers, 1)) < 0.5)
-        starts = np.unique(np.concatenate([[0], rng.integers(1, layers, size=layers // 3)])).astype(np.int64)
-        np.testing.assert_allclose(segment_maxima(A, S, starts), np.add.reduceat(A + S, starts, axis=0).max(axis=1), rtol=1e-13)
+    for loads, layers, replicas in ((2, 61, 64), (1, 4, 1), (3, 30, 8)):
+        A, S = rng.random((loads, layers, replicas)), rng.random((loads, layers, replicas)) * (rng.random((loads, layers, 1)) < 0.5)
+        starts = np.unique(np.concatenate([[0], rng.integers(1, layers - 1, size=layers // 3)])).astype(np.int64)
+        stop = layers - 1  # the layers after the last segment are not summed
+        expected = [np.add.reduceat((A + S)[i, :stop], starts, axis=0).max(axis=1) for i in range(loads)]
+        np.testing.assert_allclose(segment_maxima(A, S, starts, stop), expected, rtol=1e-13)
 
 
 def test_expert_parallel_reductions_are_numpys():

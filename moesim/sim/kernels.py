@@ -54,21 +54,23 @@ def scaled_floor(counts: np.ndarray, share: float, offset: float, out: np.ndarra
 
 
 @numba.njit(cache=True)
-def segment_maxima(compute: np.ndarray, shared: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """``[segments]``: the largest over replicas of ``compute + shared`` ``[layers, replicas]``
-    summed over each segment of layers (segment ``m`` from ``starts[m]`` to the next start, the
-    last to the end), in one pass instead of NumPy's sum, segment sums and maxima."""
-    L, R = compute.shape
-    out = np.empty(starts.size)
-    for m in range(starts.size):
-        stop = starts[m + 1] if m + 1 < starts.size else L
-        largest = -np.inf
-        for r in range(R):
-            total = 0.0
-            for l in range(starts[m], stop):
-                total += compute[l, r] + shared[l, r]
-            largest = max(largest, total)
-        out[m] = largest
+def segment_maxima(compute: np.ndarray, shared: np.ndarray, starts: np.ndarray, stop: int) -> np.ndarray:
+    """``[loads, segments]``: for each load, the largest over replicas of ``compute + shared``
+    ``[loads, layers, replicas]`` summed over each segment of layers (segment ``m`` from
+    ``starts[m]`` to the next start, the last to ``stop``), in one pass instead of NumPy's sum,
+    segment sums and maxima."""
+    n, _, R = compute.shape
+    out = np.empty((n, starts.size))
+    for i in range(n):
+        for m in range(starts.size):
+            end = starts[m + 1] if m + 1 < starts.size else stop
+            largest = -np.inf
+            for r in range(R):
+                total = 0.0
+                for l in range(starts[m], end):
+                    total += compute[i, l, r] + shared[i, l, r]
+                largest = max(largest, total)
+            out[i, m] = largest
     return out
 
 

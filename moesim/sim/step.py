@@ -437,8 +437,7 @@ class StepModel:
     def _two_microbatch(self, halves: dict, detail: bool):
         """The step's duration (and spans) from both halves' :meth:`_phases_many`."""
         # each half's slowest replica before each MoE layer's dispatch, shared experts included
-        segs = np.stack([segment_maxima(A[:self.tail_start], S[:self.tail_start], self.segment_starts)
-                         for A, S in zip(halves["A"], halves["S"])])
+        segs = segment_maxima(halves["A"], halves["S"], self.segment_starts, self.tail_start)
         xs = halves["X"].max(axis=2)
         tail = self._tail(halves).max() * 2
         if not detail:  # the compiled recurrence; the loop below is its reference and records spans
