@@ -128,15 +128,17 @@ def _pairwise_sum(a, lo, n):
 
 
 @numba.njit(cache=True)
-def _normal_step(noise, z, rho, keep, root, share, slots, tokens, counts):
-    """:func:`normal_step_reference` in place: ``noise`` moves on, ``counts`` is written;
-    ``keep`` = sqrt(1 - rho^2), ``root`` = sqrt(share)."""
+def _normal_step(rng, noise, rho, keep, root, share, slots, tokens, counts):
+    """:func:`normal_step_reference` in place, its ``z`` drawn from ``rng`` as it goes (the same
+    normals as NumPy's ``rng.standard_normal(noise.shape)``, at a third of the cost: NumPy's fill
+    took 140 us of a step's 195): ``noise`` moves on, ``counts`` is written; ``keep`` =
+    sqrt(1 - rho^2), ``root`` = sqrt(share)."""
     L, E = noise.shape
     row = np.empty(E)
     spread = math.sqrt(slots)
     for l in range(L):
         for e in range(E):
-            noise[l, e] = rho[l] * noise[l, e] + keep[l] * z[l, e]
+            noise[l, e] = rho[l] * noise[l, e] + keep[l] * rng.standard_normal()
             row[e] = root[l, e] * noise[l, e]
         projected = 0.0 + _pairwise_sum(row, 0, E)
         for e in range(E):
@@ -321,11 +323,12 @@ class CountStream:
         carry = min(1.0, carry)
         if slots / E >= NORMAL_REGIME:
             rho = self.locality * carry
-            z = self.rng.standard_normal((L, E))
             if E <= PAIRWISE_MAX:
                 counts = np.empty((L, E), dtype=np.int64)
-                _normal_step(self.noise, z, rho, np.sqrt(1.0 - rho**2), self.root, self.share, float(slots), float(tokens), counts)
+                _normal_step(self.rng, self.noise, rho, np.sqrt(1.0 - rho**2), self.root, self.share, float(slots),
+                             float(tokens), counts)
             else:
+                z = self.rng.standard_normal((L, E))
                 self.noise, counts = normal_step_reference(self.noise, z, rho, self.share, slots, tokens)
         else:
             previous = self.previous if carry > 0 else None
