@@ -218,8 +218,9 @@ def test_compiled_count_stream_step_equals_numpy_bit_for_bit(experts):
 @pytest.mark.parametrize("experts", [8, 60, 256])
 def test_compiled_exact_count_step_draws_the_references_counts(experts):
     """Same generator state in, same counts and same generator state out, over kept fractions
-    on both sides of 1/2, counts large enough for NumPy's BTPE branch, and steps without a
-    previous step."""
+    of 0, 1 and between, odd and even numbers of previous and fresh slots, previous steps from
+    the normal regime (more slots than this step's) and steps without a previous step."""
+    from moesim.routing.generate import alias_thresholds
     from moesim.routing.profile import alias_tables
     from moesim.routing.stream import exact_step, exact_step_reference
 
@@ -229,10 +230,13 @@ def test_compiled_exact_count_step_draws_the_references_counts(experts):
         share = rng.dirichlet(np.full(experts, 0.3), size=L)
         tokens = int(rng.integers(1, 256 if trial % 5 else 4000))
         keep = rng.uniform(0.0, 1.0, L) * (trial % 4 != 1)
-        previous = None if trial % 3 == 0 else np.stack([rng.multinomial(tokens * 8, row) for row in share])
+        keep[:3] = [0.0, 1.0, 0.5]
+        before = tokens * (8 if trial % 7 else 20)
+        previous = None if trial % 3 == 0 else np.stack([rng.multinomial(before, row) for row in share])
         ours, theirs = np.random.default_rng([experts, trial]), np.random.default_rng([experts, trial])
         expected = exact_step_reference(theirs, previous, keep, share, tokens * 8, tokens)
-        counts = exact_step(ours, previous, keep, *alias_tables(share), tokens * 8, tokens)
+        prob, alias = alias_tables(share)
+        counts = exact_step(ours, previous, keep, alias_thresholds(prob), alias, tokens * 8, tokens)
         assert np.array_equal(counts, expected)
         assert ours.bit_generator.state == theirs.bit_generator.state
 
@@ -240,6 +244,7 @@ def test_compiled_exact_count_step_draws_the_references_counts(experts):
 def test_exact_count_step_is_the_multinomial_of_the_share():
     """Without repeats a step's counts are a multinomial of the slots over the share: mean
     ``slots * p`` and variance ``slots * p * (1 - p)`` per expert (counts below the token cap)."""
+    from moesim.routing.generate import alias_thresholds
     from moesim.routing.profile import alias_tables
     from moesim.routing.stream import exact_step
 
@@ -247,11 +252,35 @@ def test_exact_count_step_is_the_multinomial_of_the_share():
     share = rng.dirichlet(np.full(60, 0.5), size=2)
     prob, alias = alias_tables(share)
     slots, steps = 400, 4000
-    draws = np.stack([exact_step(rng, None, np.zeros(2), prob, alias, slots, slots) for _ in range(steps)])
+    draws = np.stack([exact_step(rng, None, np.zeros(2), alias_thresholds(prob), alias, slots, slots) for _ in range(steps)])
     assert (draws.sum(axis=2) == slots).all()
     mean, var = slots * share, slots * share * (1 - share)
     assert np.abs(draws.mean(axis=0) - mean).max() < 5 * np.sqrt(var.max() / steps)
     assert np.allclose(draws.var(axis=0), var, rtol=0.15, atol=0.05)
+
+
+def test_exact_count_step_repeats_a_binomial_of_the_previous_slots():
+    """Thinning the previous slots keeps ``Binomial(previous, keep)`` of each expert's: with a
+    share on one expert, the others' counts are only the kept ones (mean ``n * keep``, variance
+    ``n * keep * (1 - keep)``), on each side of 1/2 and for counts from 1 to 300."""
+    from moesim.routing.generate import alias_thresholds
+    from moesim.routing.profile import alias_tables
+    from moesim.routing.stream import exact_step
+
+    rng = np.random.default_rng(11)
+    E, steps = 8, 4000
+    share = np.tile(np.eye(E)[0], (2, 1))
+    prob, alias = alias_tables(share)
+    previous = np.array([[0, 1, 2, 5, 17, 40, 120, 300]] * 2)
+    keep = np.array([0.2166, 0.8])
+    slots = int(previous.sum(axis=1).max())
+    draws = np.stack([exact_step(rng, previous, keep, alias_thresholds(prob), alias, slots, slots) for _ in range(steps)])
+    kept = draws[:, :, 1:]
+    n, p = previous[:, 1:], keep[:, None]
+    mean, var = n * p, n * p * (1 - p)
+    assert np.all(np.abs(kept.mean(axis=0) - mean) < 5 * np.sqrt(var / steps))
+    assert np.allclose(kept.var(axis=0), var, rtol=0.15)
+    assert (draws[:, :, 0] == slots - kept.sum(axis=2)).all()  # the rest drawn afresh, all on expert 0
 
 
 def test_micro_batch_counts_are_numpys_floor_of_the_share():

@@ -82,7 +82,12 @@ def hash_np(seed: int, token: np.ndarray, layer: int, slot: int, draw: int) -> n
     """The same hash as the Numba kernel's, vectorised over ``token``."""
     with np.errstate(over="ignore"):  # the hash relies on uint64 wrap-around
         key = (np.uint64(layer) * np.uint64(256) + np.uint64(slot)) * np.uint64(256) + np.uint64(draw)
-        x = np.uint64(seed) * _GOLDEN ^ np.asarray(token, dtype=np.uint64) * _MIX1 ^ key * _MIX2
+        return mix_np(np.uint64(seed) * _GOLDEN ^ np.asarray(token, dtype=np.uint64) * _MIX1 ^ key * _MIX2)
+
+
+def mix_np(x: np.ndarray) -> np.ndarray:
+    """The kernel's ``_mix`` (SplitMix64's finaliser) over an array of uint64."""
+    with np.errstate(over="ignore"):
         x = (x ^ (x >> np.uint64(30))) * _MIX1
         x = (x ^ (x >> np.uint64(27))) * _MIX2
         return x ^ (x >> np.uint64(31))

@@ -26,7 +26,7 @@ import math
 import numba
 import numpy as np
 
-from moesim.routing.generate import _inclusion
+from moesim.routing.generate import _GOLDEN, _POP_BITS, _POP_MASK, _alias_bits, _inclusion, _mix, alias_thresholds, mix_np
 from moesim.routing.profile import RoutingProfile, alias_tables
 
 NORMAL_REGIME = 8.0  # mean slots per expert from which a step's counts are drawn by the normal approximation
@@ -134,160 +134,143 @@ def _normal_step(rng, noise, rho, keep, root, share, slots, tokens, counts):
     took 140 us of a step's 195): ``noise`` moves on, ``counts`` is written; ``keep`` =
     sqrt(1 - rho^2), ``root`` = sqrt(share)."""
     L, E = noise.shape
-    row = np.empty(E)
+    row, edges = np.empty(E), np.empty(E)
     spread = math.sqrt(slots)
     for l in range(L):
         for e in range(E):
             noise[l, e] = rho[l] * noise[l, e] + keep[l] * rng.standard_normal()
+        for e in range(E):
             row[e] = root[l, e] * noise[l, e]
         projected = 0.0 + _pairwise_sum(row, 0, E)
         for e in range(E):
             value = slots * share[l, e] + spread * (row[e] - share[l, e] * projected)
             row[e] = max(value, 0.0)
-        # round_to_total: systematic rounding of the running sum, keeping the row's total
+        # round_to_total: systematic rounding of the running sum, keeping the row's total; only
+        # the running sum is a chain, the rounding and differences are loops of their own
         scale = slots / max(0.0 + _pairwise_sum(row, 0, E), 1e-300)
-        edge = running = 0.0
+        running = 0.0
         for e in range(E):
             running += row[e] * scale
-            upper = slots if e == E - 1 else math.floor(running + 0.5)
-            counts[l, e] = min(int(upper - edge), int(tokens))
-            edge = upper
+            edges[e] = running
+        for e in range(E):
+            edges[e] = math.floor(edges[e] + 0.5)
+        edges[E - 1] = slots
+        counts[l, 0] = min(np.int64(edges[0]), np.int64(tokens))
+        for e in range(1, E):
+            counts[l, e] = min(np.int64(edges[e] - edges[e - 1]), np.int64(tokens))
+
+
+def _words(key: int, start: int, n: int) -> np.ndarray:
+    """Words ``start`` .. ``start + n - 1`` of the SplitMix64 sequence from state ``key``."""
+    with np.errstate(over="ignore"):
+        state = np.uint64(key) + (np.arange(start + 1, start + n + 1, dtype=np.uint64) * _GOLDEN)
+    return mix_np(state)
 
 
 def exact_step_reference(rng: np.random.Generator, previous: np.ndarray | None, keep: np.ndarray, share: np.ndarray,
                          slots: int, tokens: int) -> np.ndarray:
     """One exact-regime step in NumPy (the reference :func:`exact_step` is tested against): each
     of the previous step's slots ``[layers, experts]`` repeats its expert with probability
-    ``keep`` ``[layers]``, the rest of the ``slots`` draw their experts from ``share``, one
-    uniform a slot through the layer's alias table (:func:`alias_tables` of ``share``), and a
-    token picks an expert at most once (counts capped at ``tokens``)."""
+    ``keep`` ``[layers]`` (thinning every slot, so an expert keeps a binomial of its slots), the
+    rest of the ``slots`` draw their experts from ``share`` through the layer's alias table
+    (:func:`alias_tables` of ``share``), and a token picks an expert at most once (counts capped
+    at ``tokens``). Every slot, kept or fresh, takes one 24-bit uniform: the top bits of the next
+    word of a SplitMix64 sequence seeded by one raw output of ``rng``'s generator, layer by
+    layer, a layer's previous slots (expert by expert) before its fresh ones."""
     L, E = share.shape
-    kept = np.zeros((L, E), dtype=np.int64)
-    if previous is not None:
-        kept = rng.binomial(previous, np.clip(keep, 0, 1)[:, None])
-    fresh = np.maximum(slots - kept.sum(axis=1), 0)
+    key = int(rng.bit_generator.random_raw())
     prob, alias = alias_tables(share)
-    counts = kept.copy()
+    threshold = alias_thresholds(prob)
+    counts = np.zeros((L, E), dtype=np.int64)
+    at = 0
     for l in range(L):
-        scaled = rng.random(fresh[l]) * E
-        column = scaled.astype(np.int64)
-        drawn = np.where(scaled - column < prob[l, column], column, alias[l, column])
+        if previous is not None:
+            n = int(previous[l].sum())
+            expert = np.repeat(np.arange(E), previous[l])
+            stays = (_words(key, at, n) >> np.uint64(64 - _POP_BITS)) < np.ceil(np.clip(keep[l], 0, 1) * float(1 << _POP_BITS))
+            counts[l] = np.bincount(expert[stays], minlength=E)
+            at += n
+        fresh = max(slots - int(counts[l].sum()), 0)
+        scaled = (_words(key, at, fresh) >> np.uint64(64 - _POP_BITS)).astype(np.int64) * E
+        column = scaled >> _POP_BITS
+        drawn = np.where((scaled & _POP_MASK) < threshold[l, column], column, alias[l, column])
         counts[l] += np.bincount(drawn, minlength=E)
+        at += fresh
     return np.minimum(counts, tokens)
 
 
-@numba.njit(inline="always", cache=True)
-def _inversion(rng, n, p, q, qn, bound):
-    """NumPy's ``random_binomial_inversion`` (``p <= 0.5``, ``n * p <= 30``) with its set-up
-    ``qn = q**n`` and ``bound`` passed in: the same uniforms, so the same draw."""
-    x = 0
-    px = qn
-    u = rng.random()
-    while u > px:
-        x += 1
-        if x > bound:
-            x = 0
-            px = qn
-            u = rng.random()
-        else:
-            u -= px
-            px = ((n - x + 1) * p * px) / (x * q)
-    return x
-
-
-@numba.njit(inline="always", cache=True)
-def _inversion_setup(n, small):
-    """NumPy's set-up of :func:`_inversion` for ``n`` trials of probability ``small`` <= 0.5:
-    (q, q**n, bound)."""
-    q = 1.0 - small
-    mean = n * small
-    return q, math.exp(n * math.log(q)), int(min(n, mean + 10.0 * math.sqrt(mean * q + 1)))
+@numba.njit(cache=True)
+def _fields(state, n, out):
+    """The top ``_POP_BITS`` bits of the next ``n`` words of the SplitMix64 sequence at
+    ``state`` into ``out``; returns the state after them. A loop of its own: the hashes of a
+    run are independent, so they are computed several at once, which they are not when each
+    feeds its draw in the same loop (2.0 -> 1.6 ns a fresh slot, hash and alias draw)."""
+    for i in range(n):
+        out[i] = np.int64(_mix(state + np.uint64(i + 1) * _GOLDEN) >> np.uint64(64 - _POP_BITS))
+    return state + np.uint64(n) * _GOLDEN
 
 
 _NO_PREVIOUS = np.zeros((0, 0), dtype=np.int64)
 
 
 @numba.njit(cache=True)
-def _repeats(rng, previous, keep, slots, counts):
-    """The kept part of :func:`exact_step_reference` into ``counts`` (``previous`` empty: none),
-    drawing the same binomials from ``rng`` in the same order, row by row (one probability a
-    layer, so each distinct count's set-up is worked out once a layer). Returns the slots left
-    to draw afresh per layer."""
+def _exact_step(key, previous, keep, threshold, alias, slots, tokens, counts):
+    """:func:`exact_step_reference` into ``counts`` (``previous`` empty: none). Loops without
+    branches taken at random: an expert's kept slots are the difference of a running count of
+    kept slots at the ends of its run (a loop over each expert's few slots mispredicted its end
+    at every expert), and a layer's fresh experts are drawn first and counted after
+    (incrementing a count whose index was just computed stalls the CPU on every repeat of an
+    expert: a store to an address known late)."""
     L, E = counts.shape
-    counts[:] = 0
-    if previous.size:
-        largest = 0
-        for l in range(L):
-            for e in range(E):
-                largest = max(largest, previous[l, e])
-        qn_of = np.empty(largest + 1)
-        bound_of = np.empty(largest + 1, dtype=np.int64)
-        for l in range(L):
-            p = min(max(keep[l], 0.0), 1.0)
-            if p == 0.0:
-                continue
-            small = p if p <= 0.5 else 1.0 - p
-            qn_of[:] = -1.0  # set-up not worked out yet for this layer
-            for e in range(E):
-                n = previous[l, e]
-                if n == 0:
-                    continue
-                if small * n > 30.0:
-                    counts[l, e] = rng.binomial(n, p)
-                    continue
-                if qn_of[n] < 0.0:
-                    _, qn_of[n], bound_of[n] = _inversion_setup(n, small)
-                x = _inversion(rng, n, small, 1.0 - small, qn_of[n], bound_of[n])
-                counts[l, e] = x if p <= 0.5 else n - x
-    fresh = np.empty(L, dtype=np.int64)
+    offset = np.empty(E + 1, dtype=np.int64)
+    field = np.empty(slots, dtype=np.int64)
+    run = np.empty(slots + 1, dtype=np.int64)
+    drawn = np.empty(slots, dtype=np.int64)
+    flat_threshold, flat_alias = threshold.ravel(), alias.ravel()
+    state = np.uint64(key)
     for l in range(L):
+        row = counts[l]
         left = slots
-        for e in range(E):
-            left -= counts[l, e]
-        fresh[l] = max(left, 0)
-    return fresh
-
-
-@numba.njit(cache=True)
-def _fresh(uniforms, fresh, prob, alias, tokens, counts):
-    """The fresh part of :func:`exact_step_reference`: layer ``l``'s next ``fresh[l]`` of the
-    ``uniforms`` each add a slot to the expert its alias table (``prob``, ``alias``) gives; then
-    the cap at ``tokens``. A layer's experts are drawn first and counted after: incrementing a
-    count whose index was just computed stalls the CPU on every repeat of an expert (a store to
-    an address known late), and a popular expert repeats often; the choice between an entry
-    and its alias is a bit mask, not a branch taken at random."""
-    L, E = prob.shape
-    drawn = np.empty(fresh.max(), dtype=np.int64)
-    at = 0
-    for l in range(L):
-        p_row, a_row, row = prob[l], alias[l], counts[l]
-        for i in range(fresh[l]):
-            scaled = uniforms[at + i] * E
-            column = np.int64(scaled)
-            other = np.int64(a_row[column])
-            drawn[i] = other ^ ((column ^ other) & -np.int64(scaled - column < p_row[column]))
-        for i in range(fresh[l]):
+        if previous.size:
+            offset[0] = 0
+            for e in range(E):
+                offset[e + 1] = offset[e] + previous[l, e]
+            n = offset[E]
+            if n > field.size:  # a normal-regime step before: more slots than this one's
+                field, run = np.empty(n, dtype=np.int64), np.empty(n + 1, dtype=np.int64)
+            state = _fields(state, n, field)
+            below = math.ceil(min(max(keep[l], 0.0), 1.0) * float(1 << _POP_BITS))
+            kept = 0
+            run[0] = 0
+            for i in range(n):
+                kept += field[i] < below
+                run[i + 1] = kept
+            for e in range(E):
+                row[e] = run[np.uint64(offset[e + 1])] - run[np.uint64(offset[e])]
+            left -= kept
+        else:
+            row[:] = 0
+        fresh = max(left, 0)
+        state = _fields(state, fresh, field)
+        for i in range(fresh):
+            drawn[i] = _alias_bits(field[i], E, flat_threshold, flat_alias, l * E)
+        for i in range(fresh):
             row[drawn[i]] += 1
-        at += fresh[l]
         for e in range(E):
             row[e] = min(row[e], tokens)
 
 
-def exact_step(rng: np.random.Generator, previous: np.ndarray | None, keep: np.ndarray, prob: np.ndarray,
-               alias: np.ndarray, slots: int, tokens: int, uniforms: np.ndarray | None = None) -> np.ndarray:
-    """:func:`exact_step_reference`, compiled, drawing the same numbers from ``rng`` in the same
-    order, with the layers' alias tables of the share passed in: the repeats by NumPy's binomial
-    algorithm, then every layer's fresh slots from one NumPy fill of uniforms (one a slot, so a
-    step of few tokens costs its slots, not its layers times experts). ``uniforms``: a float64
-    buffer of at least ``slots`` per layer to fill (a stream keeps one: the fresh pages of a new
-    megabyte each step cost as much as the draws)."""
-    counts = np.empty(prob.shape, dtype=np.int64)
-    fresh = _repeats(rng, _NO_PREVIOUS if previous is None else previous, keep, slots, counts)
-    total = int(fresh.sum())
-    if uniforms is None or uniforms.size < total:
-        uniforms = np.empty(total)
-    rng.random(out=uniforms[:total])
-    _fresh(uniforms, fresh, prob, alias, tokens, counts)
+def exact_step(rng: np.random.Generator, previous: np.ndarray | None, keep: np.ndarray, threshold: np.ndarray,
+               alias: np.ndarray, slots: int, tokens: int) -> np.ndarray:
+    """:func:`exact_step_reference`, compiled: the same counts from the same generator state,
+    which it leaves in the same state, with the layers' alias tables of the share passed in
+    (``threshold``: :func:`alias_thresholds` of their probabilities). A step costs its slots,
+    previous and fresh, at about a nanosecond each (one hash a uniform, no uniforms stored):
+    NumPy's generator filling a buffer cost twice that, and one binomial per (layer, expert)
+    of the previous step 20 ns."""
+    counts = np.empty(threshold.shape, dtype=np.int64)
+    key = np.uint64(rng.bit_generator.random_raw())
+    _exact_step(key, _NO_PREVIOUS if previous is None else previous, keep, threshold, alias, slots, tokens, counts)
     return counts
 
 
@@ -304,9 +287,8 @@ class CountStream:
         share = _inclusion(profile, seed, sample or max(20_000, 50 * E))  # [domains, layers, experts]
         self.share = share.mean(axis=0)  # the workload mixes the domains evenly
         self.root = np.sqrt(self.share)
-        self.alias_prob, self.alias_idx = alias_tables(self.share)
-        # the exact regime's uniforms: at most one a slot of every layer below the normal regime
-        self.uniforms = np.empty(profile.num_layers * math.ceil(NORMAL_REGIME * E))
+        prob, self.alias_idx = alias_tables(self.share)
+        self.alias_threshold = alias_thresholds(prob)
         self.locality = profile.per_layer("locality")
         self.rng = np.random.default_rng([seed, 0x57E9])
         self.previous = None  # last step's counts
@@ -332,7 +314,6 @@ class CountStream:
                 self.noise, counts = normal_step_reference(self.noise, z, rho, self.share, slots, tokens)
         else:
             previous = self.previous if carry > 0 else None
-            counts = exact_step(self.rng, previous, self.locality * carry, self.alias_prob, self.alias_idx, slots, tokens,
-                                self.uniforms)
+            counts = exact_step(self.rng, previous, self.locality * carry, self.alias_threshold, self.alias_idx, slots, tokens)
         self.previous, self.last_tokens = counts, tokens
         return counts
