@@ -12,11 +12,15 @@ Large batches are drawn in the normal regime: when the mean count per expert is 
 multinomial covariance, correlated with the previous step's noise by ``locality`` times the
 share of tokens that continue (an AR(1) process with the same mean, variance and lag-one
 correlation as the exact repeat-or-redraw process), and rounded to integers that keep the
-total. A 58-layer, 256-expert step then costs two small Gaussian draws instead of 15,000
-binomials; smaller steps draw the exact process, compiled (:func:`exact_step`): the repeats
-by NumPy's binomial algorithm on the same generator, the fresh slots one uniform each through
-a layer's alias table, so a step of a few tokens costs its slots rather than the ~15,000
-conditional binomials of a multinomial over every layer's experts.
+total. A 58-layer, 256-expert step then costs one Gaussian draw a (layer, expert) instead of
+15,000 binomials; smaller steps draw the exact process, compiled (:func:`exact_step`): each of
+the previous step's slots is kept or not with one uniform (so an expert keeps a binomial of its
+slots), and each fresh slot takes one uniform through a layer's alias table, so a step of a few
+tokens costs its slots (one to two nanoseconds each) rather than a binomial per (layer, expert) or
+the ~15,000 conditional binomials of a multinomial over every layer's experts. The exact
+regime's uniforms are 24-bit fields of a SplitMix64 sequence (``moesim.routing.generate``'s
+finaliser) keyed each step by one output of the stream's generator: hashed where they are used,
+where NumPy filling a buffer of doubles cost twice as much a slot.
 """
 
 from __future__ import annotations
@@ -175,7 +179,7 @@ def exact_step_reference(rng: np.random.Generator, previous: np.ndarray | None, 
     rest of the ``slots`` draw their experts from ``share`` through the layer's alias table
     (:func:`alias_tables` of ``share``), and a token picks an expert at most once (counts capped
     at ``tokens``). Every slot, kept or fresh, takes one 24-bit uniform: the top bits of the next
-    word of a SplitMix64 sequence seeded by one raw output of ``rng``'s generator, layer by
+    word of a SplitMix64 sequence keyed by one raw output of ``rng``'s generator, layer by
     layer, a layer's previous slots (expert by expert) before its fresh ones."""
     L, E = share.shape
     key = int(rng.bit_generator.random_raw())
@@ -265,9 +269,9 @@ def exact_step(rng: np.random.Generator, previous: np.ndarray | None, keep: np.n
     """:func:`exact_step_reference`, compiled: the same counts from the same generator state,
     which it leaves in the same state, with the layers' alias tables of the share passed in
     (``threshold``: :func:`alias_thresholds` of their probabilities). A step costs its slots,
-    previous and fresh, at about a nanosecond each (one hash a uniform, no uniforms stored):
-    NumPy's generator filling a buffer cost twice that, and one binomial per (layer, expert)
-    of the previous step 20 ns."""
+    previous and fresh, at one to two nanoseconds each (one hash a uniform, a layer's at a
+    time): NumPy's generator filling a buffer of doubles cost more than that alone, and one
+    binomial per (layer, expert) of the previous step took 20 ns."""
     counts = np.empty(threshold.shape, dtype=np.int64)
     key = np.uint64(rng.bit_generator.random_raw())
     _exact_step(key, _NO_PREVIOUS if previous is None else previous, keep, threshold, alias, slots, tokens, counts)
