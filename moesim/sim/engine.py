@@ -154,10 +154,12 @@ class _Group:
         decode_ids = ids[dec]
         chunks: list[tuple[int, int, int, int]] = []  # (replica, request, tokens, context)
         if prefilling.any():
-            cfg = self.cfg
-            budgets = cfg.max_batched_tokens - np.bincount(rep[dec], minlength=self.R)
-            for r in np.unique(rep[prefilling]).tolist():
-                self._chunks(r, ids[prefilling & (rep == r)].tolist(), int(budgets[r]), chunks)
+            budgets = self.cfg.max_batched_tokens - np.bincount(rep[dec], minlength=self.R)
+            queues: dict[int, list[int]] = {}  # replica by replica, as ids are
+            for r, q in zip(rep[prefilling].tolist(), ids[prefilling].tolist()):
+                queues.setdefault(r, []).append(q)
+            for r, queue in queues.items():
+                self._chunks(r, queue, int(budgets[r]), chunks)
         return decode_ids, chunks
 
     def _chunks(self, r: int, queue: list, budget: int, chunks: list) -> None:

@@ -1,6 +1,6 @@
 """Benchmark: the serving simulator's speed and memory.
 
-    python tests/bench/bench_sim.py [--requests-ds 10000] [--requests-mixtral 1000] [--breakdown]
+    python tests/bench/bench_sim.py [--requests-ds 10000] [--requests-mixtral 1000] [--breakdown] [--repeat 3]
 
 Runs DeepSeek-V3 decode-heavy serving on 64 H100 (EP64, DP64 attention, count-level routing
 from its profile, two-micro-batch overlap; the bundled deepseek-v3-decode-ep64 scenario with a
@@ -8,8 +8,9 @@ Poisson stream of 10,000 requests) and Mixtral-8x7B on one H100 with token-level
 bundled mixtral-8x7b-h100 scenario, 1,000 requests). Prints wall time, CPU time of the
 process, simulated time, simulated seconds per wall second and per CPU second (the figure to
 compare on a shared machine), steps per second and the process's peak resident memory. Each
-run is preceded by a 20-request warm-up, so Numba's first compilation (or cache load) is not
-timed. Target (issue 4): the 64-GPU run at least 100x faster than real time and under 2 GB.
+simulation is preceded by a 20-request warm-up, so Numba's first compilation (or cache load) is
+not timed, and then runs ``--repeat`` times afresh (its set-up included); the run of least CPU
+time is reported. Target (issue 4): the 64-GPU run at least 100x faster than real time and under 2 GB.
 ``--breakdown`` also prints where each run's CPU time goes (process time inside the engine's
 and the step model's main pieces, a few microseconds of timer overhead a call included).
 """
@@ -66,6 +67,9 @@ def main() -> None:
     parser.add_argument("--requests-ds", type=int, default=10_000)
     parser.add_argument("--requests-mixtral", type=int, default=1_000)
     parser.add_argument("--breakdown", action="store_true", help="also print where each run's CPU time goes")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each simulation; the one of least CPU time is reported (timeit's convention: "
+                             "a shared machine only ever adds time)")
     args = parser.parse_args()
     spent = timed_pieces() if args.breakdown else None
     counts = {"DeepSeek-V3 EP64": args.requests_ds, "Mixtral-8x7B 1xH100": args.requests_mixtral}
@@ -81,20 +85,26 @@ def main() -> None:
             return build(scn.model_validate(scn.model_dump() | update | {"workload": workload} | quiet), path)
 
         simulation(20).run()  # compile (or load Numba's cache) outside the timing
-        sim = simulation(counts[name])
-        if spent is not None:
-            spent.clear()
-        start, cpu = time.perf_counter(), time.process_time()
-        log, metrics = sim.run()
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        best = None
+        for _ in range(args.repeat):  # each a fresh simulation, set-up included
+            sim = simulation(counts[name])
+            if spent is not None:
+                spent.clear()
+            start, cpu = time.perf_counter(), time.process_time()
+            _, metrics = sim.run()
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            if best is None or cpu < best[1]:
+                best = (wall, cpu, metrics, collections.Counter(spent))
+        wall, cpu, metrics, spent_best = best
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         steps, simulated = metrics["steps"], metrics["simulated_s"]
         print(f"{name:<22}{counts[name]:>9,}{wall:>9.1f}{cpu:>8.1f}{simulated:>13.1f}{simulated / wall:>9.1f}x{simulated / cpu:>8.1f}x"
               f"{steps:>9,}{steps / wall:>9.0f}{peak:>8.2f} GB", flush=True)
         if spent is not None:
-            for label, seconds in spent.items():
+            for label, seconds in spent_best.items():
                 print(f"    {label:<48}{seconds:>7.2f} s{seconds / steps * 1e6:>8.0f} us a step")
-            print(f"    {'the rest (SimPy, the log, set-up)':<48}{cpu - sum(v for k, v in spent.items() if not k.startswith(' ') and k != 'count stream'):>7.2f} s")
+            rest = cpu - sum(v for k, v in spent_best.items() if not k.startswith(' ') and k != 'count stream')
+            print(f"    {'the rest (SimPy, the log, set-up)':<48}{rest:>7.2f} s")
 
 
 if __name__ == "__main__":
