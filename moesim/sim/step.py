@@ -167,6 +167,12 @@ class StepModel:
             self.a2a = AllToAll(c.graph, group, algorithm)
             per_expert = (3 if moe.gated else 2) * arch.hidden * moe.expert_inter
             self.expert_bytes = per_expert * weight_bytes_per_param(expert_dtype) / layout.expert_tp
+            # source EP rank i belongs to the replica of its first device; a slot goes out at the
+            # dispatch's element size and comes back in bf16
+            self._replica_of_rank = (np.arange(layout.ep) * layout.expert_tp) // layout.tp
+            self._ranks_per_replica = max(1, layout.tp // layout.expert_tp)
+            self._bytes_out = arch.hidden * c.dispatch_element_bytes
+            self._bytes_back = arch.hidden * dtype_bytes("bf16")
         self._memo: dict = {}
         self._tables: dict[str, np.ndarray] = {}  # _per_replica's seconds per token count
         self.two_microbatch = overlap == "two_microbatch" and arch.is_moe
@@ -235,27 +241,26 @@ class StepModel:
             values = table[tokens]
         return values
 
-    def _decode_cores(self, loads: list[StepLoad]) -> np.ndarray:
-        """``[loads, windows, replicas]``: seconds of decode attention per replica; the cost model
-        works element by element over arrays, so every load's replicas go in one call."""
-        R = self.replicas
-        out = np.zeros((len(loads), len(self.windows), R))
-        decode = np.concatenate([load.decode for load in loads])
+    def _decode_cores(self, decode: np.ndarray, kv: np.ndarray) -> np.ndarray:
+        """``[loads, windows, replicas]``: seconds of decode attention per replica, from each
+        replica's ``decode`` sequences and their mean ``kv`` cached tokens ``[loads, replicas]``;
+        the cost model works element by element over arrays, so every load's replicas go in one
+        call."""
+        out = np.zeros((decode.shape[0], len(self.windows), decode.shape[1]))
         decoding = decode > 0
         if decoding.any():
-            batch, kv = np.maximum(decode, 1), np.maximum(np.concatenate([load.kv for load in loads]), 1)
+            batch, kv = np.maximum(decode, 1), np.maximum(kv, 1)
             for w, layer in enumerate(self.window_layers):
-                out[:, w] = np.where(decoding, self.costing.decode_core(layer, batch, kv).time, 0.0).reshape(len(loads), R)
+                out[:, w] = np.where(decoding, self.costing.decode_core(layer, batch, kv).time, 0.0)
         return out
 
-    def _attention(self, loads: list[StepLoad], tokens: np.ndarray, decode: np.ndarray) -> np.ndarray:
+    def _attention(self, loads: list[StepLoad], tokens: np.ndarray, prefill: np.ndarray, decode: np.ndarray) -> np.ndarray:
         """``[loads, windows, replicas]``: the attention block per replica for each sliding window,
-        from each replica's ``tokens`` ``[loads, replicas]`` and decode attention ``decode``
-        (:meth:`_decode_cores`, added to in place)."""
+        from each replica's ``tokens`` and prompt tokens ``prefill`` ``[loads, replicas]`` and its
+        decode attention ``decode`` (:meth:`_decode_cores`, added to in place)."""
         c, n = self.costing, len(loads)
         # the projections of (tokens, prompt tokens): decode-only replicas read a table over
         # tokens, the few with prompt tokens a memo of the pair
-        prefill = np.stack([load.prefill for load in loads])
         prefilling = prefill > 0
         proj = self._per_replica("proj", np.where(prefilling, 0, tokens).reshape(-1),
                                  lambda t: sum(c.projections(t, 0), [])).reshape(n, -1)
@@ -282,15 +287,19 @@ class StepModel:
         c, arch, lay = self.costing, self.arch, self.layout
         M = int(self.is_moe.sum())
         n, R = len(loads), self.replicas
-        tokens = np.stack([load.tokens for load in loads])
+        decode, prefill = np.stack([load.decode for load in loads]), np.stack([load.prefill for load in loads])
+        tokens = decode + prefill
         # every layer's attention block plus its dense FFN or router, and the shared experts beside
         # MoE layers, per replica: [loads, layers, replicas]
         columns = self._token_columns(tokens.reshape(-1)).reshape(n, R, -1).transpose(0, 2, 1)
-        attention = self._attention(loads, tokens, self._decode_cores(loads))
-        finishing = [np.bincount(np.array([ch[0] for ch in load.chunks], dtype=np.int64), minlength=R) for load in loads]
+        attention = self._attention(loads, tokens, prefill, self._decode_cores(decode, np.stack([load.kv for load in loads])))
+        # the LM head runs on each decode token and on one position of each prompt chunk
+        finishing = decode.copy()
+        for i, load in enumerate(loads):
+            for replica, _, _ in load.chunks:
+                finishing[i, replica] += 1
         ph = dict(A=attention[:, self.window_of] + columns[:, self.addend_of], S=columns[:, self.shared_of],
-                  head=self._per_replica("lm_head", np.concatenate([load.decode + f for load, f in zip(loads, finishing)]),
-                                         lambda t: [c.lm_head(t)]).reshape(n, R),
+                  head=self._per_replica("lm_head", finishing.reshape(-1), lambda t: [c.lm_head(t)]).reshape(n, R),
                   slots=np.array([load.counts.sum() for load in loads], dtype=np.int64))
         if not M:
             return ph | dict(X=np.zeros((n, 0, R)), D=np.zeros((n, 0)), C=np.zeros((n, 0)), comm=np.zeros((n, len(self.devices))),
@@ -334,7 +343,7 @@ class StepModel:
         ``[loads, layers]``, link-busy seconds per device ``comm``, slots ``dropped`` and slots per
         rank ``rank_slots``. The loads' layers are stacked (``[loads * layers, ...]``) so that
         placement, dispatch, expert kernels and the all-to-all run once for all of them."""
-        lay, h = self.layout, self.arch.hidden
+        lay = self.layout
         ep, n = lay.ep, len(loads)
         M = loads[0].counts.shape[0]
         counts = loads[0].counts if n == 1 else np.concatenate([ld.counts for ld in loads])
@@ -346,10 +355,8 @@ class StepModel:
         rows = computed.reshape(n * M, ep, -1)
         X = expert_times(self.device, rows, **kw)
         recv = rank_slots(np.ascontiguousarray(rows), X)  # [n * M, ep] slots each rank computes; X zeroed without
-        # source EP rank i belongs to the replica of its first device
-        replica_of_rank = (np.arange(ep) * lay.expert_tp) // lay.tp
-        ranks_per_replica = max(1, lay.tp // lay.expert_tp)
-        a2a, bytes_out, bytes_back = self.a2a, h * self.costing.dispatch_element_bytes, h * dtype_bytes("bf16")
+        replica_of_rank, ranks_per_replica = self._replica_of_rank, self._ranks_per_replica
+        a2a, bytes_out, bytes_back = self.a2a, self._bytes_out, self._bytes_back
         # source rank i sends its replica's share of the tokens, split over the replica's ranks: [n, ep]
         tokens = tokens.astype(np.float64)
         share = tokens[:, replica_of_rank] / ranks_per_replica / np.maximum(tokens.sum(axis=1), 1)[:, None]
