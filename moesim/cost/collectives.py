@@ -334,26 +334,28 @@ class AllToAll:
 
 
 @numba.njit(inline="always", cache=True)
-def _finish_link_times(intra, inter_send, inter_recv, node, node_size, capacity, nic, hierarchical, received, out):
-    """:meth:`AllToAll._link_times` of one row of ranks, from each rank's larger scale-up
-    direction ``intra`` (forwarding already added) and its inter-node bytes; writes ``out``.
-    ``node_size``: ranks per node (each rank's ``local``)."""
-    n = out.size
+def _finish_link_times(intra, inter_send, inter_recv, start, size, capacity, nic, hierarchical, out):
+    """:meth:`AllToAll._link_times` of one row of ranks ordered by node, from each rank's larger
+    scale-up direction ``intra`` (bytes, forwarding already added) and its inter-node bytes;
+    writes ``out`` (s). ``start``: where each node's ranks begin (one past the end last);
+    ``size``: ranks per node; ``capacity`` (B/s a rank) and ``nic`` (B/s) infinite where there
+    are no such links (a finite time over infinity is 0, a NaN one fails the ``> 0`` test: 0 as
+    without the link). Branch-free over ranks and no scatter into a node's slot (a store-to-load
+    chain through memory for each of a node's ranks)."""
     if hierarchical:  # each node's inter-node receive, added in ascending rank order as a matrix product of many rows adds it
-        received[:] = 0.0
-        for j in range(n):
-            received[node[j]] += inter_recv[j]
-        for k in range(received.size):
-            received[k] /= node_size[k]
-        for j in range(n):
-            inter_recv[j] = received[node[j]]
-    for i in range(n):
-        seconds = 0.0
-        if capacity[i] >= 0.0:
-            seconds = max(seconds, intra[i] / capacity[i])
-        if nic >= 0.0:
-            seconds = max(seconds, max(inter_send[i], inter_recv[i]) / nic)
-        out[i] = seconds
+        for r in range(size.size):
+            received = 0.0
+            for i in range(start[r], start[r + 1]):
+                received += inter_recv[i]
+            received /= size[r]
+            for i in range(start[r], start[r + 1]):
+                inter_recv[i] = received
+    for i in range(out.size):
+        scale_up = intra[i] / capacity[i]
+        scale_up = scale_up if scale_up > 0.0 else 0.0
+        scale_out = (inter_send[i] if inter_send[i] >= inter_recv[i] else inter_recv[i]) / nic
+        scale_out = scale_out if scale_out > 0.0 else 0.0
+        out[i] = scale_up if scale_up >= scale_out else scale_out  # max(0, scale-up, scale-out), first of equals as max() keeps
 
 
 @numba.njit(cache=True)
@@ -362,42 +364,84 @@ def _rank_one_times(share, counts, bytes_out, bytes_back, sums, node, local, cap
     ``combine``. ``sums`` ``[loads, 4, ranks]``: ``share * bytes_out`` and ``share`` summed over
     each rank's node-mates and over the other nodes' ranks (NumPy's products, so the same
     roundings); ``capacity`` ``[ranks]`` (scale-up, B/s) and ``nic`` (B/s) negative where there
-    are no such links."""
+    are no such links. Ranks whose nodes are not each one contiguous run are gathered into
+    node order (stable, so ascending rank order inside a node) and the times scattered back."""
     loads, rows, n = counts.shape
-    nodes = node.max() + 1
+    order = np.argsort(node, kind="mergesort")
+    moved = False
+    for i in range(n):
+        moved |= order[i] != i
+    if not moved:
+        _rank_one_runs(share, counts, bytes_out, bytes_back, sums, node, local, capacity, nic, hierarchical, dispatch, combine)
+        return
+    ordered_dispatch, ordered_combine = np.empty(counts.shape), np.empty(counts.shape)
+    _rank_one_runs(np.ascontiguousarray(share[:, order]), np.ascontiguousarray(counts[:, :, order]), bytes_out, bytes_back,
+                   np.ascontiguousarray(sums[:, :, order]), node[order], local[order], capacity[order], nic, hierarchical,
+                   ordered_dispatch, ordered_combine)
+    for g in range(loads):
+        for m in range(rows):
+            for i in range(n):
+                dispatch[g, m, order[i]] = ordered_dispatch[g, m, i]
+                combine[g, m, order[i]] = ordered_combine[g, m, i]
+
+
+@numba.njit(cache=True)
+def _rank_one_runs(share, counts, bytes_out, bytes_back, sums, node, local, capacity, nic, hierarchical, dispatch, combine):
+    """:func:`_rank_one_times` where each node's ranks are one contiguous run, nodes in
+    ascending order: a node's sums run over its slice in a register, in the order the scatter
+    into per-node slots added them (whole numbers are exact in any order; the combine's bytes
+    and the received fractions keep ascending rank order from 0.0)."""
+    loads, rows, n = counts.shape
+    start = np.empty(n + 1, dtype=np.int64)
+    runs = 0
+    for j in range(n):
+        if j == 0 or node[j] != node[j - 1]:
+            start[runs] = j
+            runs += 1
+    start[runs] = n
+    start = start[:runs + 1]
+    size = np.empty(runs)
+    for r in range(runs):
+        size[r] = local[start[r + 1] - 1]
     forward_share = 1 - 1 / local  # hierarchical: the share of a rank's inter-node receive it forwards
     if not hierarchical:
         forward_share[:] = 0.0  # (x + 0.0 * y is x: nothing forwarded)
-    per_node, back_per_node, received = np.empty(nodes), np.empty(nodes), np.empty(nodes)
-    node_size = np.empty(nodes)
-    for j in range(n):
-        node_size[node[j]] = local[j]
+    cap = np.empty(n)
+    for i in range(n):
+        cap[i] = capacity[i] if capacity[i] >= 0.0 else np.inf
+    nic = nic if nic >= 0.0 else np.inf
+    src, back, inside, back_inside = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
     intra, inter_send, inter_recv = np.empty(n), np.empty(n), np.empty(n)
     for g in range(loads):
-        src = share[g] * bytes_out
+        for i in range(n):
+            src[i] = share[g, i] * bytes_out
+        dst, mates, others, back_mates, back_others = share[g], sums[g, 0], sums[g, 1], sums[g, 2], sums[g, 3]
         for m in range(rows):
             c = counts[g, m]
-            # whole numbers: a node's sum less the rank itself is exact, whatever the order
-            per_node[:] = 0.0
-            back_per_node[:] = 0.0
             for j in range(n):
-                per_node[node[j]] += c[j]
-                back_per_node[node[j]] += c[j] * bytes_back
-            total, back_total = per_node.sum(), back_per_node.sum()
+                back[j] = c[j] * bytes_back
+            total, back_total = 0.0, 0.0  # added node by node, as the sum of per-node slots was
+            for r in range(runs):
+                per_node, back_per_node = 0.0, 0.0
+                for j in range(start[r], start[r + 1]):
+                    per_node += c[j]
+                    back_per_node += back[j]
+                for j in range(start[r], start[r + 1]):
+                    inside[j], back_inside[j] = per_node, back_per_node
+                total += per_node
+                back_total += back_per_node
             # dispatch: src = share * bytes_out (one row), dst = counts
             for i in range(n):
-                inside = per_node[node[i]]
-                inter_send[i], inter_recv[i] = src[i] * (total - inside), c[i] * sums[g, 1, i]
+                inter_send[i], inter_recv[i] = src[i] * (total - inside[i]), c[i] * others[i]
                 forwarded = inter_recv[i] * forward_share[i]
-                intra[i] = max(src[i] * (inside - c[i]) + forwarded, c[i] * sums[g, 0, i] + forwarded)
-            _finish_link_times(intra, inter_send, inter_recv, node, node_size, capacity, nic, hierarchical, received, dispatch[g, m])
+                intra[i] = max(src[i] * (inside[i] - c[i]) + forwarded, c[i] * mates[i] + forwarded)
+            _finish_link_times(intra, inter_send, inter_recv, start, size, cap, nic, hierarchical, dispatch[g, m])
             # combine: src = counts * bytes_back, dst = share (one row)
             for i in range(n):
-                back, inside = c[i] * bytes_back, back_per_node[node[i]]
-                inter_send[i], inter_recv[i] = back * sums[g, 3, i], share[g, i] * (back_total - inside)
+                inter_send[i], inter_recv[i] = back[i] * back_others[i], dst[i] * (back_total - back_inside[i])
                 forwarded = inter_recv[i] * forward_share[i]
-                intra[i] = max(back * sums[g, 2, i] + forwarded, share[g, i] * (inside - back) + forwarded)
-            _finish_link_times(intra, inter_send, inter_recv, node, node_size, capacity, nic, hierarchical, received, combine[g, m])
+                intra[i] = max(back[i] * back_mates[i] + forwarded, dst[i] * (back_inside[i] - back[i]) + forwarded)
+            _finish_link_times(intra, inter_send, inter_recv, start, size, cap, nic, hierarchical, combine[g, m])
 
 
 def all_to_all_time(graph, group: list[str], bytes_matrix: np.ndarray, *, algorithm: str = "flat",
