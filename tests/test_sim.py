@@ -356,6 +356,20 @@ def test_segment_maxima_are_numpys_segment_sums_then_maxima():
         np.testing.assert_allclose(segment_maxima(A, S, starts, stop), expected, rtol=1e-13)
 
 
+def test_busy_seconds_are_numpys_sums():
+    from moesim.sim.kernels import busy_seconds
+
+    rng = np.random.default_rng(6)
+    # one replica or rank: NumPy sums the layers pairwise; several: one layer after another
+    for loads, layers, replicas, ranks, moe_layers in ((2, 61, 64, 64, 58), (1, 32, 1, 1, 32), (2, 94, 1, 8, 94),
+                                                       (1, 130, 3, 1, 7), (2, 0, 2, 2, 0)):
+        A, S = rng.random((loads, layers, replicas)) * 1e-3, rng.random((loads, layers, replicas))
+        head, X = rng.random((loads, replicas)), rng.random((loads, moe_layers, ranks))
+        attention, experts = busy_seconds(A, S, head, X)
+        assert np.array_equal(attention, A.sum(axis=0).sum(axis=0) + S.sum(axis=0).sum(axis=0) + head.sum(axis=0))
+        assert np.array_equal(experts, X.sum(axis=0).sum(axis=0))
+
+
 def test_expert_parallel_reductions_are_numpys():
     """The compiled slots per rank and all-to-all maxima give NumPy's figures bit for bit."""
     from moesim.sim.kernels import exchange_maxima, rank_slots

@@ -16,6 +16,8 @@ import math
 import numba
 import numpy as np
 
+from moesim.routing.stream import _pairwise_sum
+
 
 @numba.njit(cache=True)
 def two_microbatch_end(segs: np.ndarray, xs: np.ndarray, dispatch: np.ndarray, combine: np.ndarray) -> float:
@@ -146,33 +148,43 @@ def classify(ids: np.ndarray, lengths: np.ndarray, prefilled: np.ndarray, target
 
 
 @numba.njit(cache=True)
+def _layer_sum(values: np.ndarray, column: int) -> float:
+    """``values[:, :, column]`` summed over its loads (first axis), then over its layers in
+    NumPy's order for ``values[..].sum(axis=0).sum(axis=0)``: one after another across many
+    columns, pairwise (:func:`_pairwise_sum`) when there is one column, a contiguous run."""
+    n, L, R = values.shape
+    if R == 1:
+        per_layer = np.empty(L)
+        for l in range(L):
+            x = values[0, l, 0]
+            for i in range(1, n):
+                x += values[i, l, 0]
+            per_layer[l] = x
+        return 0.0 + _pairwise_sum(per_layer, 0, L)
+    total = 0.0
+    for l in range(L):
+        x = values[0, l, column]
+        for i in range(1, n):
+            x += values[i, l, column]
+        total += x
+    return total
+
+
+@numba.njit(cache=True)
 def busy_seconds(compute: np.ndarray, shared: np.ndarray, head: np.ndarray, experts: np.ndarray):
     """A step's seconds of compute outside the routed experts per replica, and of routed experts
     per rank, from its loads' (micro-batches') per-layer seconds ``compute`` and ``shared``
     ``[loads, layers, replicas]``, ``head`` ``[loads, replicas]`` and ``experts`` ``[loads, moe
-    layers, ranks]``: the loads summed first, then the layers in order, in one pass instead of
-    NumPy's seven (the same additions in the same order: the same roundings)."""
-    n, L, R = compute.shape
+    layers, ranks]``: the loads summed first, then the layers (:func:`_layer_sum`), in one pass
+    instead of NumPy's seven, with the same additions in the same order (the same roundings)."""
+    R, K = compute.shape[2], experts.shape[2]
     attention = np.empty(R)
     for r in range(R):
-        c = s = 0.0
-        for l in range(L):
-            x, y = compute[0, l, r], shared[0, l, r]
-            for i in range(1, n):
-                x += compute[i, l, r]
-                y += shared[i, l, r]
-            c += x
-            s += y
         h = head[0, r]
-        for i in range(1, n):
+        for i in range(1, head.shape[0]):
             h += head[i, r]
-        attention[r] = c + s + h
-    M, K = experts.shape[1], experts.shape[2]
-    routed = np.zeros(K)
-    for m in range(M):
-        for k in range(K):
-            x = experts[0, m, k]
-            for i in range(1, n):
-                x += experts[i, m, k]
-            routed[k] += x
+        attention[r] = _layer_sum(compute, r) + _layer_sum(shared, r) + h
+    routed = np.empty(K)
+    for k in range(K):
+        routed[k] = _layer_sum(experts, k)
     return attention, routed
