@@ -45,6 +45,7 @@ expert.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import cached_property
 
 import numba
 import numpy as np
@@ -273,6 +274,13 @@ class AllToAll:
         mates, others = self.mates, self.others
         return self._link_times(src * (dst @ mates), dst * (src @ mates), src * (dst @ others), dst * (src @ others))
 
+    @cached_property
+    def _rank_one_links(self) -> tuple:
+        """The links' figures :func:`_rank_one_times` reads, worked out once (the simulator calls
+        it every step): ranks per node, scale-up capacity per rank and NIC (B/s; -1: no such link)."""
+        capacity = np.full(self.ranks, -1.0) if self.capacity is None else self.capacity.astype(np.float64)
+        return self.local.astype(np.float64), capacity, -1.0 if self.nic is None else float(self.nic)
+
     def rank_times_rank_one(self, share: np.ndarray, counts: np.ndarray, bytes_out: float,
                             bytes_back: float) -> tuple[np.ndarray, np.ndarray]:
         """Each rank's seconds ``[loads, rows, ranks]`` of two all-to-alls per row of ``counts``
@@ -289,11 +297,6 @@ class AllToAll:
             combine = np.stack([self.rank_times_outer(c * bytes_back, s[None, :]) for s, c in zip(share, counts)])
             return dispatch, combine
         dispatch, combine = np.empty(counts.shape), np.empty(counts.shape)  # C order, as callers sum them along rows
-        fixed = self.__dict__.get("_rank_one_links")
-        if fixed is None:  # the links do not change: worked out on the first call (it runs four times a step)
-            fixed = self._rank_one_links = (
-                self.local.astype(np.float64), np.full(self.ranks, -1.0) if self.capacity is None else self.capacity.astype(np.float64),
-                -1.0 if self.nic is None else float(self.nic))
         sums = np.empty((len(share), 4, self.ranks))
         for g, s in enumerate(share):
             # one row at a time into ``sums``: the vector-matrix products of rank_times_outer, so the same roundings
@@ -301,7 +304,7 @@ class AllToAll:
                 np.matmul(row, self.mates, out=sums[g, 2 * k])
                 np.matmul(row, self.others, out=sums[g, 2 * k + 1])
         _rank_one_times(share, np.ascontiguousarray(counts), float(bytes_out), float(bytes_back), sums, self.node_index,
-                        *fixed, self.algorithm == "hierarchical", dispatch, combine)
+                        *self._rank_one_links, self.algorithm == "hierarchical", dispatch, combine)
         return dispatch, combine
 
     def _link_times(self, intra_send, intra_recv, inter_send, inter_recv) -> np.ndarray:

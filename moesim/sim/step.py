@@ -152,7 +152,6 @@ class StepModel:
         self.windows = sorted({layer.window or 0 for layer in self.layers})
         self.window_of = np.array([self.windows.index(layer.window or 0) for layer in self.layers])
         self.window_layers = [next(layer for layer in self.layers if (layer.window or 0) == window) for window in self.windows]
-        self.dense_layers = np.flatnonzero(~self.is_moe)
         # the layers each MoE layer's barrier closes (from the one after the previous MoE layer)
         # and the tail after the last
         ends = np.flatnonzero(self.is_moe)
@@ -182,12 +181,13 @@ class StepModel:
         # what each layer adds to its attention block, per replica, from the replica's tokens:
         # column 0 nothing, then each dense FFN width, then the MoE layers' router (with the
         # shared experts beside it in the last column); one table over tokens holds them all
+        # (_per_replica)
         first_of_width: dict[int, object] = {}
         for layer in self.layers:
             if not layer.moe:
                 first_of_width.setdefault(layer.dense_inter, layer)
         widths = sorted(first_of_width)
-        self._column_ops = [lambda t, layer=first_of_width[inter]: c.dense_block(layer, t) for inter in widths]
+        self._column_ops = [lambda t: []] + [lambda t, layer=first_of_width[inter]: c.dense_block(layer, t) for inter in widths]
         self.addend_of = np.array([1 + len(widths) if layer.moe else 1 + widths.index(layer.dense_inter) for layer in self.layers])
         self.shared_of = np.zeros(len(self.layers), dtype=np.int64)
         if arch.is_moe:
@@ -201,43 +201,23 @@ class StepModel:
             value = self._memo[key] = float(sum(op.time for op in make()))
         return value
 
-    def _per_replica(self, name: str, tokens: np.ndarray, make) -> np.ndarray:
-        """Seconds of ``make(t)`` for each replica's ``t`` tokens (none: 0), each ``t`` costed
-        once and kept in an array over ``t`` (NaN: not met yet), so a step reads its replicas
-        in one gather."""
+    def _per_replica(self, name: str, tokens: np.ndarray, makes: list) -> np.ndarray:
+        """``[replicas, len(makes)]``: seconds of each ``make(t)`` for each replica's ``t``
+        tokens (none: 0), each ``t`` costed once and kept in an array over ``t`` (NaN: not met
+        yet), so a step reads its replicas in one gather."""
         table = self._tables.get(name)
         top = int(tokens.max(initial=0))
-        if table is None or table.size <= top:
-            grown = np.full(max(1024, 1 << top.bit_length()), np.nan)
-            grown[0] = 0.0
-            if table is not None:
-                grown[:table.size] = table
-            self._tables[name] = table = grown
-        values = table[tokens]
-        missing = np.isnan(values)
-        if missing.any():
-            for t in np.unique(tokens[missing]).tolist():
-                table[t] = float(sum(op.time for op in make(t)))
-            values = table[tokens]
-        return values
-
-    def _token_columns(self, tokens: np.ndarray) -> np.ndarray:
-        """``[replicas, columns]``: seconds of each of :attr:`_column_ops` (after a first column
-        of zeros) for each replica's ``tokens``, as :meth:`_per_replica` keeps one of them."""
-        table = self._tables.get("columns")
-        top = int(tokens.max(initial=0))
         if table is None or table.shape[0] <= top:
-            grown = np.full((max(1024, 1 << top.bit_length()), 1 + len(self._column_ops)), np.nan)
+            grown = np.full((max(1024, 1 << top.bit_length()), len(makes)), np.nan)
             grown[0] = 0.0
-            grown[:, 0] = 0.0
             if table is not None:
                 grown[:table.shape[0]] = table
-            self._tables["columns"] = table = grown
+            self._tables[name] = table = grown
         values = table[tokens]
-        missing = np.isnan(values[:, -1])
+        missing = np.isnan(values[:, 0])
         if missing.any():
             for t in np.unique(tokens[missing]).tolist():
-                table[t, 1:] = [float(sum(op.time for op in make(t))) for make in self._column_ops]
+                table[t] = [float(sum(op.time for op in make(t))) for make in makes]
             values = table[tokens]
         return values
 
@@ -263,7 +243,7 @@ class StepModel:
         # tokens, the few with prompt tokens a memo of the pair
         prefilling = prefill > 0
         proj = self._per_replica("proj", np.where(prefilling, 0, tokens).reshape(-1),
-                                 lambda t: sum(c.projections(t, 0), [])).reshape(n, -1)
+                                 [lambda t: sum(c.projections(t, 0), [])]).reshape(n, -1)
         for i, r in zip(*(x.tolist() for x in np.nonzero(prefilling))):
             t, p = int(tokens[i, r]), int(prefill[i, r])
             proj[i, r] = self._sum(("proj", t, p), lambda: sum(c.projections(t, p), []))
@@ -291,7 +271,7 @@ class StepModel:
         tokens = decode + prefill
         # every layer's attention block plus its dense FFN or router, and the shared experts beside
         # MoE layers, per replica: [loads, layers, replicas]
-        columns = self._token_columns(tokens.reshape(-1)).reshape(n, R, -1).transpose(0, 2, 1)
+        columns = self._per_replica("columns", tokens.reshape(-1), self._column_ops).reshape(n, R, -1).transpose(0, 2, 1)
         attention = self._attention(loads, tokens, prefill, self._decode_cores(decode, np.stack([load.kv for load in loads])))
         # the LM head runs on each decode token and on one position of each prompt chunk
         finishing = decode.copy()
@@ -299,7 +279,7 @@ class StepModel:
             for replica, _, _ in load.chunks:
                 finishing[i, replica] += 1
         ph = dict(A=attention[:, self.window_of] + columns[:, self.addend_of], S=columns[:, self.shared_of],
-                  head=self._per_replica("lm_head", finishing.reshape(-1), lambda t: [c.lm_head(t)]).reshape(n, R),
+                  head=self._per_replica("lm_head", finishing.reshape(-1), [lambda t: [c.lm_head(t)]]).reshape(n, R),
                   slots=np.array([load.counts.sum() for load in loads], dtype=np.int64))
         if not M:
             return ph | dict(X=np.zeros((n, 0, R)), D=np.zeros((n, 0)), C=np.zeros((n, 0)), comm=np.zeros((n, len(self.devices))),
