@@ -71,6 +71,8 @@ def main() -> None:
                         help="runs of each simulation; the one of least CPU time is reported (timeit's convention: "
                              "a shared machine only ever adds time)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat: expected at least 1 run, got {args.repeat}")
     spent = timed_pieces() if args.breakdown else None
     counts = {"DeepSeek-V3 EP64": args.requests_ds, "Mixtral-8x7B 1xH100": args.requests_mixtral}
     print(f"{'run':<22}{'requests':>9}{'wall s':>9}{'CPU s':>8}{'simulated s':>13}{'sim/wall':>10}{'sim/CPU':>9}"
