@@ -148,10 +148,11 @@ def classify(ids: np.ndarray, lengths: np.ndarray, prefilled: np.ndarray, target
 
 
 @numba.njit(cache=True)
-def _layer_sum(values: np.ndarray, column: int) -> float:
-    """``values[:, :, column]`` summed over its loads (first axis), then over its layers in
-    NumPy's order for ``values[..].sum(axis=0).sum(axis=0)``: one after another across many
-    columns, pairwise (:func:`_pairwise_sum`) when there is one column, a contiguous run."""
+def _add_layer_sums(values: np.ndarray, out: np.ndarray) -> None:
+    """Adds to ``out`` ``[columns]`` ``values`` ``[loads, layers, columns]`` summed over its loads
+    (first axis), then over its layers, in NumPy's order for ``values.sum(axis=0).sum(axis=0)``:
+    layer after layer onto each column (rows read in memory order), pairwise
+    (:func:`_pairwise_sum`) when there is one column, a contiguous run."""
     n, L, R = values.shape
     if R == 1:
         per_layer = np.empty(L)
@@ -160,14 +161,17 @@ def _layer_sum(values: np.ndarray, column: int) -> float:
             for i in range(1, n):
                 x += values[i, l, 0]
             per_layer[l] = x
-        return 0.0 + _pairwise_sum(per_layer, 0, L)
-    total = 0.0
+        out[0] += 0.0 + _pairwise_sum(per_layer, 0, L)
+        return
+    total = np.zeros(R)
     for l in range(L):
-        x = values[0, l, column]
-        for i in range(1, n):
-            x += values[i, l, column]
-        total += x
-    return total
+        for r in range(R):
+            x = values[0, l, r]
+            for i in range(1, n):
+                x += values[i, l, r]
+            total[r] += x
+    for r in range(R):
+        out[r] += total[r]
 
 
 @numba.njit(cache=True)
@@ -175,16 +179,18 @@ def busy_seconds(compute: np.ndarray, shared: np.ndarray, head: np.ndarray, expe
     """A step's seconds of compute outside the routed experts per replica, and of routed experts
     per rank, from its loads' (micro-batches') per-layer seconds ``compute`` and ``shared``
     ``[loads, layers, replicas]``, ``head`` ``[loads, replicas]`` and ``experts`` ``[loads, moe
-    layers, ranks]``: the loads summed first, then the layers (:func:`_layer_sum`), in one pass
-    instead of NumPy's seven, with the same additions in the same order (the same roundings)."""
-    R, K = compute.shape[2], experts.shape[2]
-    attention = np.empty(R)
+    layers, ranks]``: the loads summed first, then the layers (:func:`_add_layer_sums`), in one
+    pass instead of NumPy's seven, with the same additions in the same order (the same
+    roundings)."""
+    R = compute.shape[2]
+    attention = np.zeros(R)
+    _add_layer_sums(compute, attention)
+    _add_layer_sums(shared, attention)
     for r in range(R):
         h = head[0, r]
         for i in range(1, head.shape[0]):
             h += head[i, r]
-        attention[r] = _layer_sum(compute, r) + _layer_sum(shared, r) + h
-    routed = np.empty(K)
-    for k in range(K):
-        routed[k] = _layer_sum(experts, k)
+        attention[r] += h
+    routed = np.zeros(experts.shape[2])
+    _add_layer_sums(experts, routed)
     return attention, routed
