@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from moesim.cost.estimate import Workload, estimate
@@ -75,3 +76,40 @@ def test_same_inputs_same_outputs():
 def test_impossible_layouts_are_named(layout, match):
     with pytest.raises(LayoutError, match=match):
         make_layout(MIXTRAL, devices_available=8, **layout)
+
+
+@pytest.mark.parametrize("model, tp", [("deepseek-v3", 1), ("deepseek-v3", 8), ("mixtral-8x7b", 2)])
+def test_array_costing_equals_the_scalar_costing_element_by_element(model, tp):
+    """The simulator costs many token counts in one array call (projections with and without
+    prompt tokens, dense blocks, the TP all-reduce); each element must be the scalar call's
+    seconds bit for bit, a kernel that an element does not run (no prompt tokens, no decode
+    tokens) costing it nothing."""
+    from moesim.cost.estimate import LayerCosting
+
+    arch = load_model(model)
+    lay = make_layout(arch, devices_available=8, tp=tp)
+    c = LayerCosting(arch, DGX, lay, Workload(1, 1, 1), "bf16", "bf16", "bf16", group_sequences=1)
+    tokens = np.array([1, 7, 64, 300, 300, 2048])
+    prompt = np.array([0, 7, 0, 299, 1, 1024])
+    seconds = sum(op.time for op in sum(c.projections(tokens, prompt), []))
+    for t, p, s in zip(tokens.tolist(), prompt.tolist(), seconds.tolist()):
+        assert s == sum(op.time for op in sum(c.projections(t, p), []))
+    layer = next(layer for layer in arch.layers if not layer.moe) if any(not layer.moe for layer in arch.layers) else None
+    for make in [c.moe_pre, c.moe_shared, c.lm_head] + ([lambda t: c.dense_block(layer, t)] if layer else []):
+        ops = make(tokens)
+        many = sum(op.time for op in (ops if isinstance(ops, list) else [ops]))
+        for t, s in zip(tokens.tolist(), np.broadcast_to(many, tokens.shape).tolist()):
+            one = make(t)
+            assert s == sum(op.time for op in (one if isinstance(one, list) else [one]))
+
+
+def test_all_reduce_of_many_sizes_equals_one_call_a_size():
+    from moesim.cost.collectives import all_reduce_time
+    from moesim.hardware.topology import accelerators, topology
+
+    graph = topology("h100-2node")
+    accs = accelerators(graph)
+    sizes = np.array([0, 1024, 3 * 2**20, 2**30])
+    for group in (accs[:2], accs[:8], accs):  # ring (NCCL's protocols inside a node), hierarchical across nodes
+        times = all_reduce_time(graph, group, sizes).time
+        assert times.tolist() == [all_reduce_time(graph, group, int(s)).time for s in sizes]

@@ -96,15 +96,19 @@ def _cost(name: str, seconds: float, nbytes: float, **info) -> OpCost:
 
 def _ring_time(graph, members: list[str], nbytes: float, passes: int, *, op: str = "", device=None) -> float:
     """``passes`` ring sweeps (1: gather or scatter, 2: all-reduce) of an ``nbytes`` buffer; NCCL's
-    protocol model (module docstring) inside one node when the device profile has its figures."""
+    protocol model (module docstring) inside one node when the device profile has its figures.
+    ``nbytes`` may be an array: the seconds are then an array over it (0 where it is empty)."""
     n = len(members)
-    if n < 2 or nbytes <= 0:
+    many = np.ndim(nbytes) > 0
+    if n < 2 or (not many and nbytes <= 0):
         return 0.0
     bandwidth, latency = _ring(graph, members)
     eff = _nccl_figures(graph, members, device)
     if eff is not None:
-        return float(_nccl_time(eff, op, n, passes * (n - 1) / n * nbytes, bandwidth, passes * (n - 1)))
-    return passes * ((n - 1) / n * nbytes / bandwidth + (n - 1) * latency)
+        seconds = _nccl_time(eff, op, n, passes * (n - 1) / n * nbytes, bandwidth, passes * (n - 1))
+    else:
+        seconds = passes * ((n - 1) / n * nbytes / bandwidth + (n - 1) * latency)
+    return np.where(np.greater(nbytes, 0), seconds, 0.0) if many else float(seconds)
 
 
 def _efficiency(graph, member: str, device=None):
@@ -140,7 +144,8 @@ def _nccl_time(eff, op: str, ranks, bus_bytes, bandwidth, steps):
 
 def all_reduce_time(graph, group: list[str], nbytes: float, *, algorithm: str = "auto", device=None) -> OpCost:
     """All-reduce of an ``nbytes`` buffer held by every rank of ``group`` (``device``: the profile
-    whose NCCL figures apply, by default the group's own)."""
+    whose NCCL figures apply, by default the group's own); an array of sizes gives an array of
+    times."""
     _check(group)
     nodes = _groups_by_node(graph, group)
     if algorithm == "auto":
@@ -151,7 +156,8 @@ def all_reduce_time(graph, group: list[str], nbytes: float, *, algorithm: str = 
     if algorithm != "hierarchical":
         raise InputError(f"unknown all-reduce algorithm {algorithm!r}; expected ring, hierarchical or auto")
     local = max(len(m) for m in nodes.values())
-    intra = max(_ring_time(graph, m, nbytes, 1, op="all_gather", device=device) for m in nodes.values())
+    intra = [_ring_time(graph, m, nbytes, 1, op="all_gather", device=device) for m in nodes.values()]
+    intra = np.max(intra, axis=0) if np.ndim(nbytes) else max(intra)
     leaders = [m[0] for m in nodes.values()]
     inter = _ring_time(graph, leaders, nbytes / local, 2)
     return _cost("all_reduce", 2 * intra + inter, nbytes, algorithm="hierarchical", ranks=len(group), nodes=len(nodes))

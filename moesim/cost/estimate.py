@@ -26,7 +26,7 @@ from moesim.cost.collectives import all_gather_time, all_reduce_time, all_to_all
 from moesim.cost.gemm import gemm_time
 from moesim.cost.layout import Layout
 from moesim.cost.moe import expert_times, moe_layer_time
-from moesim.cost.roofline import OpCost, combine, elementwise
+from moesim.cost.roofline import OpCost, combine, elementwise, only_where
 from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 from moesim.errors import InputError
 from moesim.hardware.specs import Cluster
@@ -183,7 +183,8 @@ class LayerCosting:
 
     # -- dense pieces -------------------------------------------------------------------------
     def _gemm(self, name: str, tokens: int, n: int, k: int, dtype: str | None = None) -> OpCost:
-        return gemm_time(self.device, max(tokens, 1), n, k, dtype or self.dtype, name=name)
+        return gemm_time(self.device, np.maximum(tokens, 1) if np.ndim(tokens) else max(tokens, 1), n, k,
+                         dtype or self.dtype, name=name)
 
     def _tp_all_reduce(self, tokens: int) -> OpCost | None:
         if self.layout.tp == 1:
@@ -207,7 +208,9 @@ class LayerCosting:
     def projections(self, tokens: int, prefill_tokens: int) -> tuple[list[OpCost], list[OpCost]]:
         """The attention block's kernels before and after the attention core, for ``tokens``
         new tokens of which ``prefill_tokens`` are prompt tokens (a mixed batch of chunked
-        prefill runs the GEMMs once over all of them)."""
+        prefill runs the GEMMs once over all of them). Both may be arrays of the same shape (the
+        simulator costs many batches at once): a kernel some of them do not run costs those
+        nothing."""
         att, h = self.arch.attention, self.arch.hidden
         decode_tokens = tokens - prefill_tokens
         before = [elementwise(self.device, "input_norm", tokens * h, "bf16", reads=1, writes=1, flops_per_element=4)]
@@ -220,14 +223,18 @@ class LayerCosting:
             else:
                 before.append(self._gemm("q_proj", tokens, self.heads * q_dim, h))
             before.append(self._gemm("kv_down", tokens, att.kv_lora_rank + att.qk_rope_head_dim, h))
-            if prefill_tokens:
-                before.append(self._gemm("kv_up", prefill_tokens, self.heads * (att.qk_nope_head_dim + att.v_head_dim), att.kv_lora_rank))
-            if decode_tokens:
+            if np.any(prefill_tokens):
+                before.append(only_where(self._gemm("kv_up", prefill_tokens, self.heads * (att.qk_nope_head_dim + att.v_head_dim),
+                                                    att.kv_lora_rank), np.greater(prefill_tokens, 0)))
+            if np.any(decode_tokens):
                 # Absorbed decode: queries pass through W_UK per head, outputs through W_UV.
                 # one [nope x kv_lora] matrix per head: a batched GEMM, costed as one with every
                 # head's weights (FLOP and weight bytes both scale with the heads)
-                before.append(self._gemm("q_absorb", decode_tokens, self.heads * att.kv_lora_rank, att.qk_nope_head_dim))
-                after.append(self._gemm("v_absorb", decode_tokens, self.heads * att.v_head_dim, att.kv_lora_rank))
+                decoding = np.greater(decode_tokens, 0)
+                before.append(only_where(self._gemm("q_absorb", decode_tokens, self.heads * att.kv_lora_rank,
+                                                    att.qk_nope_head_dim), decoding))
+                after.append(only_where(self._gemm("v_absorb", decode_tokens, self.heads * att.v_head_dim, att.kv_lora_rank),
+                                        decoding))
             after.append(self._gemm("o_proj", tokens, h, self.heads * att.v_head_dim))
         else:
             d = att.head_dim

@@ -19,7 +19,7 @@ import math
 import numba
 import numpy as np
 
-from moesim.cost.roofline import OpCost, combine, elementwise, kernel
+from moesim.cost.roofline import OpCost, combine, elementwise, kernel, only_where
 from moesim.dtypes import canonical_dtype, dtype_bytes
 
 
@@ -129,16 +129,6 @@ def plan(device, m: int, n: int, k: int, flops: float, bytes_moved: float, rate:
     return int(tm[0]), int(tn[0]), int(split[0]), float(shape[0])
 
 
-def _only(cost: OpCost, where) -> OpCost:
-    """``cost`` on the rows ``where`` holds, nothing (no launch either) on the others: for an
-    array of row counts, a kernel that only some of them run."""
-    if np.ndim(where) == 0:
-        return cost
-    for name in ("time", "compute_time", "memory_time", "launch_time", "flops", "bytes"):
-        setattr(cost, name, np.where(where, getattr(cost, name), 0.0))
-    return cost
-
-
 def gemm_time(
     device,
     m: int,
@@ -179,7 +169,7 @@ def gemm_time(
         # rows the kernel cannot take as they are: copied into a padded buffer first
         padded = m % eff.row_align.get(variant, 1) != 0
         if padded.any() if many else padded:
-            kernels.append(_only(elementwise(device, "pad", m * k, "bf16", reads=1, writes=1), padded))
+            kernels.append(only_where(elementwise(device, "pad", m * k, "bf16", reads=1, writes=1), padded))
     rows, flops_of, bytes_of = (np.asarray(m, dtype=np.int64).reshape(-1), np.asarray(flops, dtype=np.float64).reshape(-1),
                                 np.asarray(bytes_moved, dtype=np.float64).reshape(-1)) if many else \
         (np.array([m], dtype=np.int64), np.array([float(flops)]), np.array([float(bytes_moved)]))
@@ -196,6 +186,6 @@ def gemm_time(
     cost.info = info
     kernels.append(cost)
     if eff.gemm_tiles and (reduced.any() if many else reduced):
-        kernels.append(_only(kernel(device, "splitk_reduce", m * n * split, m * n * (4 * split + dtype_bytes(out_dtype)),
+        kernels.append(only_where(kernel(device, "splitk_reduce", m * n * split, m * n * (4 * split + dtype_bytes(out_dtype)),
                                     "fp32", compute_efficiency=1.0), reduced))
     return combine(name, kernels, **info) if len(kernels) > 1 else cost

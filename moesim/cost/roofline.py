@@ -82,6 +82,18 @@ def combine(name: str, parts: list[OpCost], **info) -> OpCost:
     )
 
 
+def only_where(cost: OpCost, where) -> OpCost:
+    """``cost`` on the elements ``where`` holds, nothing (no launch either) on the others: for
+    arrays of sizes, a kernel that only some of them run (a scalar ``where``: ``cost`` as it is)."""
+    if np.ndim(where) == 0:
+        return cost
+    for name in ("time", "compute_time", "memory_time", "launch_time", "comm_time", "flops", "bytes"):
+        value = getattr(cost, name)
+        if isinstance(value, np.ndarray) or value:  # (a field that is 0 is 0 everywhere)
+            setattr(cost, name, np.where(where, value, 0.0))
+    return cost
+
+
 @numba.njit(inline="always", cache=True)
 def roofline(flops: float, bytes_moved: float, rate: float, bandwidth: float, latency: float, p: float):
     """``(compute, memory, body)`` seconds of one kernel: ``flops`` FLOP at ``rate`` FLOP/s and
@@ -109,6 +121,21 @@ def _roofline_many(flops, bytes_moved, rate, bandwidth, latency, p):
     for i in range(flops.size):
         compute[i], memory[i], body[i] = roofline(flops[i], bytes_moved[i], rate[i], bandwidth[i], latency, p)
     return compute, memory, body
+
+
+def _shape(x) -> tuple:
+    # (np.shape of a Python number costs an array: microseconds on every small-array kernel)
+    return x.shape if isinstance(x, np.ndarray) else np.shape(x) if isinstance(x, (list, tuple)) else ()
+
+
+def _filled(x, shape: tuple) -> np.ndarray:
+    """``x`` broadcast to ``shape`` as a new float64 array (``np.broadcast_arrays`` and a copy
+    cost twice as much on the few-element arrays the simulator passes)."""
+    if _shape(x) == shape:
+        return np.array(x, dtype=np.float64)
+    out = np.empty(shape)
+    out[...] = x
+    return out
 
 
 def _scalar(x) -> bool:
@@ -141,8 +168,8 @@ def kernel(
     launch = launches * device.launch_overhead
     if not all(_scalar(x) for x in (flops, bytes_moved, c_eff, bandwidth)):
         # Arrays: one kernel per element (the simulator costs every rank of a step at once).
-        flops, bytes_moved, rate, bandwidth = (np.array(x, dtype=np.float64) for x in np.broadcast_arrays(
-            flops, bytes_moved, peak * c_eff, bandwidth))
+        shape = np.broadcast_shapes(*(_shape(x) for x in (flops, bytes_moved, c_eff, bandwidth)))
+        flops, bytes_moved, rate, bandwidth = (_filled(x, shape) for x in (flops, bytes_moved, peak * c_eff, bandwidth))
         compute, memory, body = _roofline_many(flops.ravel(), bytes_moved.ravel(), rate.ravel(), bandwidth.ravel(),
                                                float(eff.memory_latency), float(eff.roofline_p))
         compute, memory, body = (x.reshape(flops.shape) for x in (compute, memory, body))

@@ -104,20 +104,20 @@ class StepCost:
 def _gemm_tables(device, default_dtype: str):
     """A stand-in for ``LayerCosting._gemm`` (``gemm(name, tokens, n, k, dtype=None)``) that
     costs each GEMM shape ``(name, n, k, dtype)`` for every row count up to a power of two in
-    one array call of :func:`gemm_time` and reads a row count's seconds from that table: a run
-    meets thousands of row counts of the same few shapes, and one array call costs what two
-    scalar ones do. Only the time is kept: the step model reads nothing else."""
+    one array call of :func:`gemm_time` and reads row counts' seconds from that table (one
+    element, or a gather for an array of them): a run meets thousands of row counts of the
+    same few shapes, and one array call costs what two scalar ones do. Only the time is kept:
+    the step model reads nothing else."""
     tables: dict = {}
 
     def cached(name: str, tokens, n: int, k: int, dtype: str | None = None) -> OpCost:
-        if isinstance(tokens, np.ndarray) and tokens.ndim:
-            return gemm_time(device, np.maximum(tokens, 1), n, k, dtype or default_dtype, name=name)
         key = (name, n, k, dtype)
         table = tables.get(key)
-        if table is None or tokens >= table.size:
-            rows = np.maximum(np.arange(max(1024, 1 << int(tokens).bit_length())), 1)
+        top = int(tokens.max(initial=0)) if isinstance(tokens, np.ndarray) else tokens
+        if table is None or top >= table.size:
+            rows = np.maximum(np.arange(max(1024, 1 << int(top).bit_length())), 1)
             table = tables[key] = gemm_time(device, rows, n, k, dtype or default_dtype, name=name).time
-        return OpCost(name, float(table[tokens]))
+        return OpCost(name, table[tokens] if isinstance(tokens, np.ndarray) else float(table[tokens]))
     return cached
 
 
@@ -202,24 +202,25 @@ class StepModel:
         return value
 
     def _per_replica(self, name: str, tokens: np.ndarray, makes: list) -> np.ndarray:
-        """``[replicas, len(makes)]``: seconds of each ``make(t)`` for each replica's ``t``
-        tokens (none: 0), each ``t`` costed once and kept in an array over ``t`` (NaN: not met
-        yet), so a step reads its replicas in one gather."""
+        """``[replicas, len(makes)]``: seconds of each ``make(t)`` for each replica's ``t`` tokens
+        (none: 0), read from a table over ``t`` that grows to the largest ``t`` met (doubling,
+        its new rows costed in one array call of each ``make``), so a step reads its replicas in
+        one gather and a run costs each shape a handful of times, not once per token count."""
         table = self._tables.get(name)
         top = int(tokens.max(initial=0))
         if table is None or table.shape[0] <= top:
-            grown = np.full((max(1024, 1 << top.bit_length()), len(makes)), np.nan)
-            grown[0] = 0.0
-            if table is not None:
-                grown[:table.shape[0]] = table
+            size = max(1024, 1 << top.bit_length())
+            grown = np.empty((size, len(makes)))
+            start = 1 if table is None else table.shape[0]
+            if table is None:
+                grown[0] = 0.0
+            else:
+                grown[:start] = table
+            new = np.arange(start, size)
+            for j, make in enumerate(makes):
+                grown[start:, j] = sum(op.time for op in make(new))
             self._tables[name] = table = grown
-        values = table[tokens]
-        missing = np.isnan(values[:, 0])
-        if missing.any():
-            for t in np.unique(tokens[missing]).tolist():
-                table[t] = [float(sum(op.time for op in make(t))) for make in makes]
-            values = table[tokens]
-        return values
+        return table[tokens]
 
     def _decode_cores(self, decode: np.ndarray, kv: np.ndarray) -> np.ndarray:
         """``[loads, windows, replicas]``: seconds of decode attention per replica, from each
@@ -244,9 +245,16 @@ class StepModel:
         prefilling = prefill > 0
         proj = self._per_replica("proj", np.where(prefilling, 0, tokens).reshape(-1),
                                  [lambda t: sum(c.projections(t, 0), [])]).reshape(n, -1)
-        for i, r in zip(*(x.tolist() for x in np.nonzero(prefilling))):
-            t, p = int(tokens[i, r]), int(prefill[i, r])
-            proj[i, r] = self._sum(("proj", t, p), lambda: sum(c.projections(t, p), []))
+        where = np.nonzero(prefilling)
+        if where[0].size:
+            pairs = list(zip(tokens[where].tolist(), prefill[where].tolist()))
+            memo = self._memo
+            new = [pair for pair in dict.fromkeys(pairs) if ("proj", *pair) not in memo]
+            if new:  # costed in one array call
+                t, p = np.array(new).T
+                for pair, seconds in zip(new, sum(op.time for op in sum(c.projections(t, p), [])).tolist()):
+                    memo[("proj", *pair)] = seconds
+            proj[where] = [memo[("proj", *pair)] for pair in pairs]
         for w, (window, layer) in enumerate(zip(self.windows, self.window_layers)):
             for i, load in enumerate(loads):
                 for replica, chunk, context in load.chunks:
