@@ -17,10 +17,11 @@ total. A 58-layer, 256-expert step then costs one Gaussian draw a (layer, expert
 the previous step's slots is kept or not with one uniform (so an expert keeps a binomial of its
 slots), and each fresh slot takes one uniform through a layer's alias table, so a step of a few
 tokens costs its slots (one to two nanoseconds each) rather than a binomial per (layer, expert) or
-the ~15,000 conditional binomials of a multinomial over every layer's experts. The exact
-regime's uniforms are 24-bit fields of a SplitMix64 sequence (``moesim.routing.generate``'s
-finaliser) keyed each step by one output of the stream's generator: hashed where they are used,
-where NumPy filling a buffer of doubles cost twice as much a slot.
+the ~15,000 conditional binomials of a multinomial over every layer's experts. Both regimes
+draw from a SplitMix64 sequence (``moesim.routing.generate``'s finaliser) keyed each step by one
+output of the stream's generator: the exact regime's uniforms are 24-bit fields of its words
+(hashed where they are used, where NumPy filling a buffer of doubles cost twice as much a slot),
+the normal regime's Gaussians come from its words through a ziggurat (:func:`standard_normals`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import math
 import numba
 import numpy as np
 
-from moesim.routing.generate import _GOLDEN, _POP_BITS, _POP_MASK, _alias_bits, _inclusion, _mix, alias_thresholds, mix_np
+from moesim.routing.generate import (_GOLDEN, _POP_BITS, _POP_MASK, _alias_bits, _inclusion, _mix, _unit, alias_thresholds,
+                                     mix_np)
 from moesim.routing.profile import RoutingProfile, alias_tables
 
 NORMAL_REGIME = 8.0  # mean slots per expert from which a step's counts are drawn by the normal approximation
@@ -131,18 +133,106 @@ def _pairwise_sum(a, lo, n):
     return _pairwise_1024(a, lo, half) + _pairwise_1024(a, lo + half, n - half)
 
 
+# The normal regime's Gaussians: Marsaglia & Tsang's ziggurat (J. Stat. Softw. 5(8), 2000) over
+# 256 layers of equal area under f(x) = exp(-x^2 / 2), fed by a SplitMix64 sequence keyed each
+# step by one output of the stream's generator (as the exact regime's uniforms are). A normal
+# costs one hash, two table reads and a compare 98.5% of the time; Numba's port of NumPy's
+# generator, one indirect call into the bit generator a draw, cost three times that.
+_ZIGGURAT_R = 3.6541528853610088  # the base layer's right edge for 256 layers (Marsaglia & Tsang, table 1)
+
+
+def _ziggurat_tables(layers: int = 256, r: float = _ZIGGURAT_R) -> tuple[np.ndarray, np.ndarray]:
+    """The layers' right edges ``x[0..layers]`` (decreasing; ``x[0]``: the width of a rectangle
+    of the base layer's area, rectangle and tail together, at height ``f(r)``; ``x[layers]`` =
+    0) and ``f`` at each. Every layer has the base layer's area, each edge following from the
+    one below it."""
+    def density(x):
+        return math.exp(-0.5 * x * x)
+    area = r * density(r) + math.sqrt(math.pi / 2) * math.erfc(r / math.sqrt(2))
+    x = np.empty(layers + 1)
+    x[0], x[1] = area / density(r), r
+    for i in range(2, layers):
+        x[i] = math.sqrt(-2.0 * math.log(area / x[i - 1] + density(x[i - 1])))
+    x[layers] = 0.0
+    return x, np.exp(-0.5 * x * x)
+
+
+_ZIGGURAT_X, _ZIGGURAT_F = _ziggurat_tables()
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _gaussian(word, state):
+    """One standard normal from the 64-bit ``word``: its low 8 bits pick the layer, bit 8 the sign
+    and its top 53 the uniform (separate bits, as Doornik, "An improved ziggurat method", 2005,
+    advises); a rejected point draws again from the SplitMix64 sequence at ``state``. Returns
+    (the normal, the state after the words it took)."""
+    x, f = _ZIGGURAT_X, _ZIGGURAT_F
+    while True:
+        layer = np.int64(word & np.uint64(255))
+        negative = (word >> np.uint64(8)) & np.uint64(1)
+        z = _unit(word) * x[layer]
+        if z >= x[layer + 1]:  # outside the part of the layer under the curve at every height
+            if layer == 0:  # the tail beyond r (Marsaglia, 1964)
+                while True:
+                    state += _GOLDEN
+                    a = 1.0 - _unit(_mix(state))  # (0, 1]
+                    state += _GOLDEN
+                    b = 1.0 - _unit(_mix(state))
+                    tail = -math.log(a) / x[1]
+                    if -2.0 * math.log(b) > tail * tail:
+                        break
+                z = x[1] + tail
+            else:  # the wedge: a uniform height between the layer's bottom and top edges
+                state += _GOLDEN
+                if f[layer] + _unit(_mix(state)) * (f[layer + 1] - f[layer]) >= math.exp(-0.5 * z * z):
+                    state += _GOLDEN
+                    word = _mix(state)
+                    continue
+        return (-z if negative else z), state
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fill_normals(key, out):
+    """``out`` (1-D) filled with standard normals from the SplitMix64 sequence at ``key``: the
+    ``i``-th from word ``i + 1``, a rejected point's redraws from the words after ``out.size``.
+    The words are hashed in a loop of their own (independent, so several at once) and the
+    ziggurat's common case is inlined here, its rare rest left to :func:`_gaussian`."""
+    n = out.size
+    words = np.empty(n, dtype=np.uint64)
+    for i in range(n):
+        words[i] = _mix(key + np.uint64(i + 1) * _GOLDEN)
+    state = key + np.uint64(n) * _GOLDEN
+    x = _ZIGGURAT_X
+    for i in range(n):
+        word = words[i]
+        layer = np.int64(word & np.uint64(255))
+        z = _unit(word) * x[layer]
+        if z < x[layer + 1]:
+            out[i] = -z if (word >> np.uint64(8)) & np.uint64(1) else z
+        else:
+            out[i], state = _gaussian(word, state)
+
+
+def standard_normals(key: int, n: int) -> np.ndarray:
+    """``n`` standard normals keyed by ``key`` (a 64-bit integer): the normal regime's draws."""
+    out = np.empty(n)
+    _fill_normals(np.uint64(key), out)
+    return out
+
+
 @numba.njit(cache=True)
-def _normal_step(rng, noise, rho, keep, root, share, slots, tokens, counts):
-    """:func:`normal_step_reference` in place, its ``z`` drawn from ``rng`` as it goes (the same
-    normals as NumPy's ``rng.standard_normal(noise.shape)``, at a third of the cost: NumPy's fill
-    took 140 us of a step's 195): ``noise`` moves on, ``counts`` is written; ``keep`` =
-    sqrt(1 - rho^2), ``root`` = sqrt(share)."""
+def _normal_step(key, noise, rho, keep, root, share, slots, tokens, counts):
+    """:func:`normal_step_reference` in place, its ``z`` the normals :func:`standard_normals`
+    draws from ``key``: ``noise`` moves on, ``counts`` is written; ``keep`` = sqrt(1 - rho^2),
+    ``root`` = sqrt(share)."""
     L, E = noise.shape
+    z = np.empty(L * E)
+    _fill_normals(key, z)
     row, edges = np.empty(E), np.empty(E)
     spread = math.sqrt(slots)
     for l in range(L):
         for e in range(E):
-            noise[l, e] = rho[l] * noise[l, e] + keep[l] * rng.standard_normal()
+            noise[l, e] = rho[l] * noise[l, e] + keep[l] * z[l * E + e]
         for e in range(E):
             row[e] = root[l, e] * noise[l, e]
         projected = 0.0 + _pairwise_sum(row, 0, E)
@@ -309,12 +399,13 @@ class CountStream:
         carry = min(1.0, carry)
         if slots / E >= NORMAL_REGIME:
             rho = self.locality * carry
+            key = np.uint64(self.rng.bit_generator.random_raw())
             if E <= PAIRWISE_MAX:
                 counts = np.empty((L, E), dtype=np.int64)
-                _normal_step(self.rng, self.noise, rho, np.sqrt(1.0 - rho**2), self.root, self.share, float(slots),
+                _normal_step(key, self.noise, rho, np.sqrt(1.0 - rho**2), self.root, self.share, float(slots),
                              float(tokens), counts)
             else:
-                z = self.rng.standard_normal((L, E))
+                z = standard_normals(key, L * E).reshape(L, E)
                 self.noise, counts = normal_step_reference(self.noise, z, rho, self.share, slots, tokens)
         else:
             previous = self.previous if carry > 0 else None
