@@ -282,10 +282,23 @@ class AllToAll:
 
     @cached_property
     def _rank_one_links(self) -> tuple:
-        """The links' figures :func:`_rank_one_times` reads, worked out once (the simulator calls
-        it every step): ranks per node, scale-up capacity per rank and NIC (B/s; -1: no such link)."""
-        capacity = np.full(self.ranks, -1.0) if self.capacity is None else self.capacity.astype(np.float64)
-        return self.local.astype(np.float64), capacity, -1.0 if self.nic is None else float(self.nic)
+        """The figures :func:`_rank_one_runs` reads, worked out once (the simulator calls it every
+        step), in node order: the ranks gathered so (``None`` when each node's ranks already are
+        one run, nodes ascending), where each node's run starts (one past the end last), ranks per
+        node, the share of a rank's inter-node receive it forwards (0 flat), scale-up capacity per
+        rank and the NIC's (B/s; infinite where there is no such link: a finite time over it is 0,
+        as without the link); and the masks of the node sums, stacked for one matrix product."""
+        order = np.argsort(self.node_index, kind="stable")  # stable: ascending rank order inside a node
+        node = self.node_index[order]
+        # unsigned: Numba then indexes without the negative-index wraparound, which made LLVM
+        # scatter the stores of a node's slice
+        start = np.flatnonzero(np.r_[True, node[1:] != node[:-1], True]).astype(np.uint64)
+        local = self.local[order].astype(np.float64)
+        forward = 1 - 1 / local if self.algorithm == "hierarchical" else np.zeros(self.ranks)
+        capacity = np.full(self.ranks, np.inf) if self.capacity is None else self.capacity[order].astype(np.float64)
+        nic = np.inf if self.nic is None else float(self.nic)
+        moved = None if (order == np.arange(self.ranks)).all() else order
+        return moved, start, np.diff(start).astype(np.float64), forward, capacity, nic, np.stack([self.mates, self.others])
 
     def rank_times_rank_one(self, share: np.ndarray, counts: np.ndarray, bytes_out: float,
                             bytes_back: float) -> tuple[np.ndarray, np.ndarray]:
@@ -302,15 +315,24 @@ class AllToAll:
             dispatch = np.stack([self.rank_times_outer(s[None, :] * bytes_out, c) for s, c in zip(share, counts)])
             combine = np.stack([self.rank_times_outer(c * bytes_back, s[None, :]) for s, c in zip(share, counts)])
             return dispatch, combine
+        order, start, size, forward, capacity, nic, masks = self._rank_one_links
+        # each load's two rows, share * bytes_out (the dispatch's sources) and share (the
+        # combine's destinations), C order whatever the caller's (an F-ordered share made the
+        # kernel gather its rows); then rank_times_outer's vector-matrix products of them (so
+        # the same roundings: BLAS adds a product's terms in its own order), all in one call:
+        # [loads, 2, 1, 1, ranks] @ [2, ranks, ranks] is a vector-matrix product per (load,
+        # row, mask), each as np.matmul(row, mask) runs it
+        rows = np.empty((len(share), 2, self.ranks))
+        np.multiply(share, bytes_out, out=rows[:, 0])
+        rows[:, 1] = share
+        sums = np.matmul(rows[:, :, None, None, :], masks).reshape(len(share), 4, self.ranks)
+        if order is not None:
+            rows, counts, sums = rows[:, :, order], counts[:, :, order], sums[:, :, order]
         dispatch, combine = np.empty(counts.shape), np.empty(counts.shape)  # C order, as callers sum them along rows
-        sums = np.empty((len(share), 4, self.ranks))
-        for g, s in enumerate(share):
-            # one row at a time into ``sums``: the vector-matrix products of rank_times_outer, so the same roundings
-            for k, row in enumerate((s * bytes_out, s)):
-                np.matmul(row, self.mates, out=sums[g, 2 * k])
-                np.matmul(row, self.others, out=sums[g, 2 * k + 1])
-        _rank_one_times(share, np.ascontiguousarray(counts), float(bytes_out), float(bytes_back), sums, self.node_index,
-                        *self._rank_one_links, self.algorithm == "hierarchical", dispatch, combine)
+        _rank_one_runs(rows, np.ascontiguousarray(counts), float(bytes_back), sums, start, size, forward, capacity, nic,
+                       self.algorithm == "hierarchical", dispatch, combine)
+        if order is not None:  # back into rank order
+            dispatch[..., order], combine[..., order] = dispatch.copy(), combine.copy()
         return dispatch, combine
 
     def _link_times(self, intra_send, intra_recv, inter_send, inter_recv) -> np.ndarray:
@@ -342,115 +364,80 @@ class AllToAll:
         return np.where(sent > 0, seconds, 0.0)
 
 
-@numba.njit(inline="always", cache=True)
-def _finish_link_times(intra, inter_send, inter_recv, start, size, capacity, nic, hierarchical, out):
-    """:meth:`AllToAll._link_times` of one row of ranks ordered by node, from each rank's larger
-    scale-up direction ``intra`` (bytes, forwarding already added) and its inter-node bytes;
-    writes ``out`` (s). ``start``: where each node's ranks begin (one past the end last);
-    ``size``: ranks per node; ``capacity`` (B/s a rank) and ``nic`` (B/s) infinite where there
-    are no such links (a finite time over infinity is 0, a NaN one fails the ``> 0`` test: 0 as
-    without the link). Branch-free over ranks and no scatter into a node's slot (a store-to-load
-    chain through memory for each of a node's ranks)."""
-    if hierarchical:  # each node's inter-node receive, added in ascending rank order as a matrix product of many rows adds it
-        for r in range(size.size):
-            received = 0.0
-            for i in range(start[r], start[r + 1]):
-                received += inter_recv[i]
-            received /= size[r]
-            for i in range(start[r], start[r + 1]):
-                inter_recv[i] = received
-    for i in range(out.size):
-        scale_up = intra[i] / capacity[i]
-        scale_up = scale_up if scale_up > 0.0 else 0.0
-        scale_out = (inter_send[i] if inter_send[i] >= inter_recv[i] else inter_recv[i]) / nic
-        scale_out = scale_out if scale_out > 0.0 else 0.0
-        out[i] = scale_up if scale_up >= scale_out else scale_out  # max(0, scale-up, scale-out), first of equals as max() keeps
+@numba.njit(cache=True, error_model="numpy")
+def _rank_one_runs(shares, counts, bytes_back, sums, start, size, forward, capacity, nic, hierarchical, dispatch, combine):
+    """:meth:`AllToAll.rank_times_rank_one` without a per-pair limit, ranks in node order (each
+    node's one contiguous run from ``start[r]`` to ``start[r + 1]``, ``size[r]`` ranks), into
+    ``dispatch`` and ``combine`` (s). ``shares`` ``[loads, 2, ranks]``: ``share * bytes_out`` and
+    ``share``; ``sums`` ``[loads, 4, ranks]``: the two summed over each rank's node-mates and over the other nodes' ranks (NumPy's
+    products, so the same roundings); ``forward``, ``capacity`` and ``nic`` as
+    ``AllToAll._rank_one_links``.
 
-
-@numba.njit(cache=True)
-def _rank_one_times(share, counts, bytes_out, bytes_back, sums, node, local, capacity, nic, hierarchical, dispatch, combine):
-    """:meth:`AllToAll.rank_times_rank_one` without a per-pair limit, into ``dispatch`` and
-    ``combine``. ``sums`` ``[loads, 4, ranks]``: ``share * bytes_out`` and ``share`` summed over
-    each rank's node-mates and over the other nodes' ranks (NumPy's products, so the same
-    roundings); ``capacity`` ``[ranks]`` (scale-up, B/s) and ``nic`` (B/s) negative where there
-    are no such links. Ranks whose nodes are not each one contiguous run are gathered into
-    node order (stable, so ascending rank order inside a node) and the times scattered back."""
+    A row's node sums run first, each over its node's slice in a register (whole numbers are
+    exact in any order; the combine's bytes and the received fractions are added in ascending
+    rank order from 0.0, as the matrix products add them); then each rank's time is a loop
+    of loads, arithmetic and selects into one store, which LLVM vectorises (the divisions
+    included; IEEE divisions round the same in vector lanes). A flat all-to-all forwards
+    nothing (``forward`` 0: ``x + 0.0 * y`` is ``x``) and reads the rank's own receive."""
     loads, rows, n = counts.shape
-    order = np.argsort(node, kind="mergesort")
-    moved = False
-    for i in range(n):
-        moved |= order[i] != i
-    if not moved:
-        _rank_one_runs(share, counts, bytes_out, bytes_back, sums, node, local, capacity, nic, hierarchical, dispatch, combine)
-        return
-    ordered_dispatch, ordered_combine = np.empty(counts.shape), np.empty(counts.shape)
-    _rank_one_runs(np.ascontiguousarray(share[:, order]), np.ascontiguousarray(counts[:, :, order]), bytes_out, bytes_back,
-                   np.ascontiguousarray(sums[:, :, order]), node[order], local[order], capacity[order], nic, hierarchical,
-                   ordered_dispatch, ordered_combine)
+    runs = size.size
+    back = np.empty(n)
+    inside, back_inside = np.empty(n), np.empty(n)  # slots and bytes back of the rank's node
+    received, back_received = np.empty(n), np.empty(n)  # hierarchical: the node's inter-node receive over its ranks
     for g in range(loads):
-        for m in range(rows):
-            for i in range(n):
-                dispatch[g, m, order[i]] = ordered_dispatch[g, m, i]
-                combine[g, m, order[i]] = ordered_combine[g, m, i]
-
-
-@numba.njit(cache=True)
-def _rank_one_runs(share, counts, bytes_out, bytes_back, sums, node, local, capacity, nic, hierarchical, dispatch, combine):
-    """:func:`_rank_one_times` where each node's ranks are one contiguous run, nodes in
-    ascending order: a node's sums run over its slice in a register, in the order the scatter
-    into per-node slots added them (whole numbers are exact in any order; the combine's bytes
-    and the received fractions keep ascending rank order from 0.0)."""
-    loads, rows, n = counts.shape
-    start = np.empty(n + 1, dtype=np.int64)
-    runs = 0
-    for j in range(n):
-        if j == 0 or node[j] != node[j - 1]:
-            start[runs] = j
-            runs += 1
-    start[runs] = n
-    start = start[:runs + 1]
-    size = np.empty(runs)
-    for r in range(runs):
-        size[r] = local[start[r + 1] - 1]
-    forward_share = 1 - 1 / local  # hierarchical: the share of a rank's inter-node receive it forwards
-    if not hierarchical:
-        forward_share[:] = 0.0  # (x + 0.0 * y is x: nothing forwarded)
-    cap = np.empty(n)
-    for i in range(n):
-        cap[i] = capacity[i] if capacity[i] >= 0.0 else np.inf
-    nic = nic if nic >= 0.0 else np.inf
-    src, back, inside, back_inside = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
-    intra, inter_send, inter_recv = np.empty(n), np.empty(n), np.empty(n)
-    for g in range(loads):
-        for i in range(n):
-            src[i] = share[g, i] * bytes_out
-        dst, mates, others, back_mates, back_others = share[g], sums[g, 0], sums[g, 1], sums[g, 2], sums[g, 3]
+        src, dst, mates, others, back_mates, back_others = shares[g, 0], shares[g, 1], sums[g, 0], sums[g, 1], sums[g, 2], sums[g, 3]
         for m in range(rows):
             c = counts[g, m]
-            for j in range(n):
-                back[j] = c[j] * bytes_back
             total, back_total = 0.0, 0.0  # added node by node, as the sum of per-node slots was
             for r in range(runs):
-                per_node, back_per_node = 0.0, 0.0
+                per_node, back_per_node, node_received = 0.0, 0.0, 0.0
                 for j in range(start[r], start[r + 1]):
+                    back[j] = c[j] * bytes_back
                     per_node += c[j]
                     back_per_node += back[j]
+                    node_received += c[j] * others[j]
+                node_received /= size[r]
                 for j in range(start[r], start[r + 1]):
-                    inside[j], back_inside[j] = per_node, back_per_node
+                    inside[j], back_inside[j], received[j] = per_node, back_per_node, node_received
                 total += per_node
                 back_total += back_per_node
+            if hierarchical:  # the combine's receive needs every node's bytes back first
+                for r in range(runs):
+                    node_received = 0.0
+                    for j in range(start[r], start[r + 1]):
+                        node_received += dst[j] * (back_total - back_inside[j])
+                    node_received /= size[r]
+                    for j in range(start[r], start[r + 1]):
+                        back_received[j] = node_received
             # dispatch: src = share * bytes_out (one row), dst = counts
+            out = dispatch[g, m]
             for i in range(n):
-                inter_send[i], inter_recv[i] = src[i] * (total - inside[i]), c[i] * others[i]
-                forwarded = inter_recv[i] * forward_share[i]
-                intra[i] = max(src[i] * (inside[i] - c[i]) + forwarded, c[i] * mates[i] + forwarded)
-            _finish_link_times(intra, inter_send, inter_recv, start, size, cap, nic, hierarchical, dispatch[g, m])
+                inter_recv = c[i] * others[i]
+                forwarded = inter_recv * forward[i]
+                intra = max(src[i] * (inside[i] - c[i]) + forwarded, c[i] * mates[i] + forwarded)
+                out[i] = _link_time(intra, src[i] * (total - inside[i]), received[i] if hierarchical else inter_recv,
+                                    capacity[i], nic)
             # combine: src = counts * bytes_back, dst = share (one row)
+            out = combine[g, m]
             for i in range(n):
-                inter_send[i], inter_recv[i] = back[i] * back_others[i], dst[i] * (back_total - back_inside[i])
-                forwarded = inter_recv[i] * forward_share[i]
-                intra[i] = max(back[i] * back_mates[i] + forwarded, dst[i] * (back_inside[i] - back[i]) + forwarded)
-            _finish_link_times(intra, inter_send, inter_recv, start, size, cap, nic, hierarchical, combine[g, m])
+                inter_recv = dst[i] * (back_total - back_inside[i])
+                forwarded = inter_recv * forward[i]
+                intra = max(back[i] * back_mates[i] + forwarded, dst[i] * (back_inside[i] - back[i]) + forwarded)
+                out[i] = _link_time(intra, back[i] * back_others[i], back_received[i] if hierarchical else inter_recv,
+                                    capacity[i], nic)
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy")
+def _link_time(intra, inter_send, inter_recv, capacity, nic):
+    """:meth:`AllToAll._link_times` of one rank (s): its larger scale-up direction ``intra``
+    (bytes, forwarding added) over ``capacity`` and its larger inter-node direction over ``nic``
+    (B/s), in parallel; a time over an infinite capacity is 0, a NaN one fails the ``> 0`` test
+    (0, as without the link). Selects, not branches."""
+    scale_up = intra / capacity
+    scale_up = scale_up if scale_up > 0.0 else 0.0
+    scale_out = (inter_send if inter_send >= inter_recv else inter_recv) / nic
+    scale_out = scale_out if scale_out > 0.0 else 0.0
+    return scale_up if scale_up >= scale_out else scale_out  # max(0, scale-up, scale-out), first of equals as max() keeps
 
 
 def all_to_all_time(graph, group: list[str], bytes_matrix: np.ndarray, *, algorithm: str = "flat",
