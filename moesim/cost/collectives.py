@@ -226,6 +226,7 @@ class AllToAll:
             self.nic = remote_route.bandwidth
             self.latency = max(self.latency, remote_route.latency * (2 if algorithm == "hierarchical" else 1))
         self.ll, self.token_cost = None, 0.0
+        self._rank_one_shares = None  # rank_times_rank_one's last shares: (key, rows, their node sums)
         if kernel is not None and self.capacity is not None and self.nic is None:
             self._kernel_figures(graph, kernel, device, sms, experts)
 
@@ -316,18 +317,25 @@ class AllToAll:
             combine = np.stack([self.rank_times_outer(c * bytes_back, s[None, :]) for s, c in zip(share, counts)])
             return dispatch, combine
         order, start, size, forward, capacity, nic, masks = self._rank_one_links
-        # each load's two rows, share * bytes_out (the dispatch's sources) and share (the
-        # combine's destinations), C order whatever the caller's (an F-ordered share made the
-        # kernel gather its rows); then rank_times_outer's vector-matrix products of them (so
-        # the same roundings: BLAS adds a product's terms in its own order), all in one call:
-        # [loads, 2, 1, 1, ranks] @ [2, ranks, ranks] is a vector-matrix product per (load,
-        # row, mask), each as np.matmul(row, mask) runs it
-        rows = np.empty((len(share), 2, self.ranks))
-        np.multiply(share, bytes_out, out=rows[:, 0])
-        rows[:, 1] = share
-        sums = np.matmul(rows[:, :, None, None, :], masks).reshape(len(share), 4, self.ranks)
+        key = (share.tobytes(), float(bytes_out))
+        if self._rank_one_shares is not None and self._rank_one_shares[0] == key:
+            rows, sums = self._rank_one_shares[1:]  # a step's shares often repeat the last step's (same batches)
+        else:
+            # each load's two rows, share * bytes_out (the dispatch's sources) and share (the
+            # combine's destinations), C order whatever the caller's (an F-ordered share made the
+            # kernel gather its rows); then rank_times_outer's vector-matrix products of them (so
+            # the same roundings: BLAS adds a product's terms in its own order), all in one call:
+            # [loads, 2, 1, 1, ranks] @ [2, ranks, ranks] is a vector-matrix product per (load,
+            # row, mask), each as np.matmul(row, mask) runs it
+            rows = np.empty((len(share), 2, self.ranks))
+            np.multiply(share, bytes_out, out=rows[:, 0])
+            rows[:, 1] = share
+            sums = np.matmul(rows[:, :, None, None, :], masks).reshape(len(share), 4, self.ranks)
+            if order is not None:
+                rows, sums = rows[:, :, order], sums[:, :, order]
+            self._rank_one_shares = (key, rows, sums)
         if order is not None:
-            rows, counts, sums = rows[:, :, order], counts[:, :, order], sums[:, :, order]
+            counts = counts[:, :, order]
         dispatch, combine = np.empty(counts.shape), np.empty(counts.shape)  # C order, as callers sum them along rows
         _rank_one_runs(rows, np.ascontiguousarray(counts), float(bytes_back), sums, start, size, forward, capacity, nic,
                        self.algorithm == "hierarchical", dispatch, combine)
