@@ -377,9 +377,9 @@ def _rank_one_runs(shares, counts, bytes_back, sums, start, size, forward, capac
     """:meth:`AllToAll.rank_times_rank_one` without a per-pair limit, ranks in node order (each
     node's one contiguous run from ``start[r]`` to ``start[r + 1]``, ``size[r]`` ranks), into
     ``dispatch`` and ``combine`` (s). ``shares`` ``[loads, 2, ranks]``: ``share * bytes_out`` and
-    ``share``; ``sums`` ``[loads, 4, ranks]``: the two summed over each rank's node-mates and over the other nodes' ranks (NumPy's
-    products, so the same roundings); ``forward``, ``capacity`` and ``nic`` as
-    ``AllToAll._rank_one_links``.
+    ``share``; ``sums`` ``[loads, 4, ranks]``: the two summed over each rank's node-mates and
+    over the other nodes' ranks (NumPy's products, so the same roundings); ``forward``,
+    ``capacity`` and ``nic`` as ``AllToAll._rank_one_links``.
 
     A row's node sums run first, each over its node's slice in a register (whole numbers are
     exact in any order; the combine's bytes and the received fractions are added in ascending
@@ -393,7 +393,8 @@ def _rank_one_runs(shares, counts, bytes_back, sums, start, size, forward, capac
     inside, back_inside = np.empty(n), np.empty(n)  # slots and bytes back of the rank's node
     received, back_received = np.empty(n), np.empty(n)  # hierarchical: the node's inter-node receive over its ranks
     for g in range(loads):
-        src, dst, mates, others, back_mates, back_others = shares[g, 0], shares[g, 1], sums[g, 0], sums[g, 1], sums[g, 2], sums[g, 3]
+        src, dst = shares[g, 0], shares[g, 1]
+        mates, others, back_mates, back_others = sums[g, 0], sums[g, 1], sums[g, 2], sums[g, 3]
         for m in range(rows):
             c = counts[g, m]
             total, back_total = 0.0, 0.0  # added node by node, as the sum of per-node slots was
