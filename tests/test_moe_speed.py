@@ -52,7 +52,7 @@ def test_counts_beyond_the_table_are_costed_directly(monkeypatch):
     fast, reference = _both(dev, "bf16", 4096, 1024, True, local, local.sum(axis=1), 1.0)
     assert np.array_equal(fast, reference)
     (table,) = moe._TABLES.values()
-    assert table.shape[1] == 1024 and not np.isnan(table[0, 5]) and np.isnan(table[:, 1023]).all()
+    assert table.shape[0] == 1024 and not np.isnan(table[5, 0]) and np.isnan(table[1023]).all()
 
 
 def test_expert_times_equals_moe_layer_time_without_router():
@@ -87,7 +87,7 @@ def test_ranks_remembered_by_experts_rows_and_row_blocks_equal_the_breakdown(nam
     monkeypatch.setattr(moe, "_RANKS_TABLE_LIMIT", 2048)
     dev = device(name)
     rng = np.random.default_rng(11)
-    for experts, mean in ((4, 30.0), (4, 700.0), (8, 5.0), (1, 3000.0), (16, 9.0)):
+    for experts, mean in ((4, 30.0), (4, 700.0), (8, 5.0), (1, 3000.0), (2, 40.0), (3, 20.0), (16, 9.0)):
         local = rng.poisson(mean, size=(400, experts))
         local[::6, : experts // 2] = 0  # fewer experts with rows
         local[::9] = 0
@@ -95,8 +95,25 @@ def test_ranks_remembered_by_experts_rows_and_row_blocks_equal_the_breakdown(nam
         reference = _moe_times_reference(local.astype(np.float64), np.maximum(local.sum(axis=1), 1).astype(np.float64), *args)
         for _ in range(2):  # filled on the first call, read on the second
             assert np.array_equal(expert_times(dev, local, hidden=hidden, inter=inter, dtype=dtype, gated=gated), reference)
-    assert all(table.shape[0] <= moe._RANKS_TABLE_EXPERTS for table in moe._RANKS_TABLES.values())
+    assert all(table.shape[1] <= moe._RANKS_TABLE_EXPERTS for table in moe._RANKS_TABLES.values())
     assert not np.isnan(np.concatenate([t.ravel() for t in moe._RANKS_TABLES.values()])).all()
+
+
+@pytest.mark.parametrize("update", [{"moe_tile_m": 96}, {"moe_tile_m": 8}, {"moe_tile_m": 256},
+                                    {"moe_row_block": {"fp8_block": 32}}, {"moe_row_block": {"fp8_block": 48}}])
+def test_own_tokens_with_other_row_blocks_equal_the_breakdown(update, monkeypatch):
+    """Row blocks that are not 16 .. 64: `_own_times` shifts by any power of two and hands the
+    rest (a largest or fixed block that is not a power of two) to `_moe_times`."""
+    monkeypatch.setattr(moe, "_RANKS_TABLES", {})
+    dev = device("h100-sxm")
+    dev = dev.model_copy(update={"efficiency": dev.efficiency.model_copy(update=update)})
+    local = np.random.default_rng(5).poisson(80.0, size=(500, 4))
+    local[::4, :3] = 0
+    local[::7] = 0
+    args = (4.0, 7168.0, 2048.0, 1.0, True, _moe_device(dev, "fp8_block"))
+    reference = _moe_times_reference(local.astype(np.float64), np.maximum(local.sum(axis=1), 1).astype(np.float64), *args)
+    for _ in range(2):
+        assert np.array_equal(expert_times(dev, local, hidden=7168, inter=2048, dtype="fp8_block"), reference)
 
 
 def test_device_figures_remembered_per_object_not_per_name():

@@ -293,11 +293,45 @@ def _moe_times_reference(local, tokens, num_experts, hidden, shard, top_k, gated
 
 
 @numba.njit(inline="always", cache=True)
-def _known(table, row, x):
-    """``table[row, x]`` when ``x`` is a whole number inside the table and already filled, else NaN."""
-    if x >= table.shape[1] or x != math.floor(x):
+def _known(table, x, column):
+    """``table[x, column]`` when ``x`` is a whole number inside the table and already filled, else NaN."""
+    if x >= table.shape[0] or x != math.floor(x):
         return np.nan
-    return table[row, np.int64(x)]
+    return table[np.int64(x), column]
+
+
+@numba.njit(cache=True)
+def _rank_seconds(active, rows, block_m, row_blocks, t, num_experts, hidden, shard, top_k, gated, experts, up_side, down_side,
+                  d, table):
+    """Seconds of :func:`_moe_rank` for one rank (nothing foreign) from its :func:`_row_blocks`
+    and ``t`` tokens: the same sum in the same order, of the same kernel figures, the
+    element-wise kernels read from (or written into) ``table`` (see :func:`_moe_times`)."""
+    head, tail = _known(table, t, 0), _known(table, t, 2)
+    if np.isnan(head):
+        flops, bytes_moved = _topk_work(t, num_experts)
+        head = 0.0 + _vector_fields(flops, bytes_moved, d)[0]  # the reference sum starts from 0.0
+        flops, bytes_moved = _align_work(t * top_k)
+        head += _then_quantise(_vector_fields(flops, bytes_moved, d), t * hidden, d)[0]
+        flops, bytes_moved = _combine_work(t, hidden, top_k)
+        tail = _vector_fields(flops, bytes_moved, d)[0]
+        if t < table.shape[0] and t == math.floor(t):
+            table[np.int64(t), 0], table[np.int64(t), 2] = head, tail
+    seconds = head
+    if active > 0:
+        up_n = 2 * shard if gated else shard
+        small = _small_batch(t * top_k, experts, d)
+        seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, up_n, hidden, up_side, d.act_bytes, 2.0, small,
+                                   experts, d)[0]
+        activation = _known(table, rows, 1)
+        if np.isnan(activation):
+            flops, bytes_moved = _activation_work(rows, shard, gated)
+            activation = _then_quantise(_vector_fields(flops, bytes_moved, d), rows * shard, d)[0]
+            if rows < table.shape[0] and rows == math.floor(rows):
+                table[np.int64(rows), 1] = activation
+        seconds += activation
+        seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, small,
+                                   experts, d)[0]
+    return seconds + tail
 
 
 @numba.njit(cache=True)
@@ -305,10 +339,10 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
     """Seconds of :func:`_moe_rank` for each rank (nothing foreign), without the breakdown: the
     same sum in the same order, of the same kernel figures. The element-wise kernels depend only
     on a rank's token count ``t`` (top-k + sort, unpermute) or rows (activation), so their
-    seconds are kept in ``table`` ``[3, counts]`` (NaN: not met yet), filled as counts appear.
+    seconds are kept in ``table`` ``[counts, 3]`` (NaN: not met yet), filled as counts appear.
     Empty ``tokens``: each rank's tokens are its rows (at least 1); a rank's seconds are then a
     function of (experts with rows, rows, row blocks) alone, kept in ``ranks_table``
-    ``[experts with rows - 1, row blocks beyond the fewest, rows]`` when it has rows (an empty
+    ``[rows, experts with rows - 1, row blocks beyond the fewest]`` when it has rows (an empty
     one: not kept). Returns the times and the largest token count met (the caller grows the
     tables to it)."""
     ranks = local.shape[0]
@@ -317,9 +351,9 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
     up_n = 2 * shard if gated else shard
     up_side, down_side = _weight_side(up_n, hidden, d), _weight_side(hidden, shard, d)
     own = tokens.size == 0
-    keep = own and ranks_table.shape[0] >= local.shape[1]
-    experts_kept = ranks_table.shape[1]
-    by_rank = ranks_table.reshape(ranks_table.shape[0] * experts_kept, ranks_table.shape[2])  # no view a rank
+    keep = own and ranks_table.shape[1] >= local.shape[1]
+    experts_kept = ranks_table.shape[2]
+    by_rows = ranks_table.reshape(ranks_table.shape[0], ranks_table.shape[1] * experts_kept)  # no view a rank
     largest = 0.0
     idle = np.nan  # own tokens: the seconds of a rank without rows (one token), the same for all
     for i in range(ranks):
@@ -333,40 +367,110 @@ def _moe_times(local, tokens, num_experts, hidden, shard, top_k, gated, d, table
         if keep and active > 0:
             # the row blocks lie between the fewest the rows fill and that plus experts - 1
             beyond = np.int64(row_blocks - fewest)
-            known = _known(by_rank, (np.int64(active) - 1) * experts_kept + beyond, rows)
+            known = _known(by_rows, rows, (np.int64(active) - 1) * experts_kept + beyond)
             if not np.isnan(known):
                 times[i] = known
                 continue
-        head, tail = _known(table, 0, t), _known(table, 2, t)
-        if np.isnan(head):
-            flops, bytes_moved = _topk_work(t, num_experts)
-            head = 0.0 + _vector_fields(flops, bytes_moved, d)[0]  # the reference sum starts from 0.0
-            flops, bytes_moved = _align_work(t * top_k)
-            head += _then_quantise(_vector_fields(flops, bytes_moved, d), t * hidden, d)[0]
-            flops, bytes_moved = _combine_work(t, hidden, top_k)
-            tail = _vector_fields(flops, bytes_moved, d)[0]
-            if t < table.shape[1] and t == math.floor(t):
-                table[0, np.int64(t)], table[2, np.int64(t)] = head, tail
-        seconds = head
-        if active > 0:
-            small = _small_batch(t * top_k, experts, d)
-            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, up_n, hidden, up_side, d.act_bytes, 2.0, small,
-                                       experts, d)[0]
-            activation = _known(table, 1, rows)
-            if np.isnan(activation):
-                flops, bytes_moved = _activation_work(rows, shard, gated)
-                activation = _then_quantise(_vector_fields(flops, bytes_moved, d), rows * shard, d)[0]
-                if rows < table.shape[1] and rows == math.floor(rows):
-                    table[1, np.int64(rows)] = activation
-            seconds += activation
-            seconds += _grouped_fields(active, rows, block_m, row_blocks, 0.0, hidden, shard, down_side, 2.0, 2.0, small,
-                                       experts, d)[0]
-        times[i] = seconds + tail
+        times[i] = _rank_seconds(active, rows, block_m, row_blocks, t, num_experts, hidden, shard, top_k, gated, experts,
+                                 up_side, down_side, d, table)
         if own and active == 0:
             idle = times[i]
-        if keep and active > 0 and rows < ranks_table.shape[2] and rows == math.floor(rows):
-            ranks_table[np.int64(active) - 1, beyond, np.int64(rows)] = times[i]
+        if keep and active > 0 and rows < ranks_table.shape[0] and rows == math.floor(rows):
+            ranks_table[np.int64(rows), np.int64(active) - 1, beyond] = times[i]
     return times, largest
+
+
+_SPAN = 8  # row-block doublings :func:`_own_times` follows (16 up to 4096 rows)
+
+
+@numba.njit(inline="always", cache=True)
+def _rank_slots(cells, width, low, span, kept, counts, slots):
+    """Each rank's entry in a flattened ranks table ``[rows, experts with rows - 1, row blocks
+    beyond the fewest]`` (-1: outside it) from ``cells``, ``[ranks, width]`` whole counts
+    flattened, into ``slots``; returns the most rows of a rank. The row block is
+    ``2 ** shift``, the smallest power from ``2 ** low`` (at most ``span`` doublings) with
+    ``2 ** shift * experts with rows >= rows``: :func:`_tile_edge` of the mean rows, in whole
+    numbers; a count's row blocks are ``(count + block - 1) >> shift``, its ceil (negative
+    counts included). Without branches, so that the compiler vectorises the ranks (inlined
+    with a constant ``width``)."""
+    largest = 0
+    for i in range(slots.size):
+        active, rows = 0, 0
+        for e in range(width):
+            r = cells[i * width + e]
+            active += r > 0
+            rows += max(r, 0)
+        shift = low
+        for k in range(_SPAN):
+            shift += (k < span) & (rows > (active << (low + k)))
+        block = (1 << shift) - 1
+        blocks = 0
+        for e in range(width):
+            blocks += (cells[i * width + e] + block) >> shift
+        beyond = blocks - ((rows + block) >> shift)  # between 0 and experts with rows - 1
+        inside = (rows < counts) & (beyond >= 0) & (beyond < kept)
+        slots[i] = ((rows * kept + max(active, 1) - 1) * kept + beyond) if inside else -1
+        largest = max(largest, rows)
+    return largest
+
+
+@numba.njit(cache=True)
+def _own_times(local, num_experts, hidden, shard, top_k, gated, d, table, ranks_table):
+    """:func:`_moe_times` with each rank's own rows as its tokens, for whole counts (``local``
+    int64) and a ``ranks_table`` of this many local experts: the same seconds, each rank's
+    entry found without branches (about half the ranks of a decode step have rows on every
+    local expert, a fifth on none, the rest between: branches on them mispredict) and read in
+    a second pass; ranks not in the table then costed by :func:`_rank_seconds` and kept.
+    ``ranks_table[0, 0, 0]`` (no rows, which a rank with experts never has) keeps a rank
+    without rows. Kernels whose row block is not a power of two, or more than :data:`_SPAN`
+    doublings, go to :func:`_moe_times`."""
+    ranks, width = local.shape
+    edge = d.row_block if d.row_block > 0.0 else d.tile_m
+    whole = np.int64(edge)
+    top = 0  # log2 of the largest row block
+    while (2 << top) <= whole:
+        top += 1
+    low = top if d.row_block > 0.0 else min(top, 4)  # the smallest row block: 16 (:func:`_tile_edge`), or the fixed one
+    if whole != edge or whole <= 0 or whole & (whole - 1) != 0 or top - low > _SPAN or ranks_table.size == 0:
+        return _moe_times(local, np.empty(0), num_experts, hidden, shard, top_k, gated, d, table, ranks_table)
+    counts, kept = ranks_table.shape[0], ranks_table.shape[2]
+    flat = ranks_table.reshape(-1)
+    cells = local.reshape(-1)
+    slots = np.empty(ranks, np.int64)
+    # the widths of common expert-parallel layouts as constants: the compiler vectorises their ranks
+    if width == 4:
+        largest = _rank_slots(cells, 4, low, top - low, kept, counts, slots)
+    elif width == 8:
+        largest = _rank_slots(cells, 8, low, top - low, kept, counts, slots)
+    elif width == 2:
+        largest = _rank_slots(cells, 2, low, top - low, kept, counts, slots)
+    elif width == 1:
+        largest = _rank_slots(cells, 1, low, top - low, kept, counts, slots)
+    else:
+        largest = _rank_slots(cells, width, low, top - low, kept, counts, slots)
+    times = np.empty(ranks)
+    misses = 0
+    for i in range(ranks):
+        known = flat[max(slots[i], 0)]
+        known = known if slots[i] >= 0 else np.nan
+        misses += np.isnan(known)
+        times[i] = known
+    if misses > 0:
+        experts = float(width)
+        up_side, down_side = _weight_side(2 * shard if gated else shard, hidden, d), _weight_side(hidden, shard, d)
+        for i in range(ranks):
+            slot = slots[i]
+            if not np.isnan(times[i]):
+                continue
+            if slot >= 0 and not np.isnan(flat[slot]):  # met earlier in this call
+                times[i] = flat[slot]
+                continue
+            active, rows, block_m, row_blocks, _ = _row_blocks(local, i, d.tile_m, d.row_block)
+            times[i] = _rank_seconds(active, rows, block_m, row_blocks, max(rows, 1.0), num_experts, hidden, shard, top_k,
+                                     gated, experts, up_side, down_side, d, table)
+            if slot >= 0:
+                flat[slot] = times[i]
+    return times, float(max(largest, 1)) if ranks > 0 else 0.0
 
 
 _TABLES: dict[tuple, np.ndarray] = {}
@@ -375,16 +479,18 @@ _RANKS_TABLE_EXPERTS = 8  # ranks' seconds are kept for up to this many local ex
 _RANKS_TABLE_LIMIT = 1 << 16  # rows beyond this are costed each time (32 MB a table at most)
 
 
-def _grown(tables: dict, key: tuple, largest: float, lead: tuple, limit: int) -> np.ndarray:
-    """``tables[key]``, a NaN-filled array ``[*lead, counts]``, grown to hold counts up to
-    ``largest`` (at most ``limit``)."""
+def _grown(tables: dict, key: tuple, largest: float, trail: tuple, limit: int) -> np.ndarray:
+    """``tables[key]``, a NaN-filled array ``[counts, *trail]``, grown to hold counts up to
+    ``largest`` (at most ``limit``). Counts first: a step's ranks read the entries of a few
+    small counts, which then share cache lines (counts last put the rows of the trailing
+    entries a power of two apart, all in the same cache sets)."""
     table = tables.get(key)
     need = min(int(largest) + 1, limit)
-    if table is None or table.shape[-1] < need:
+    if table is None or table.shape[0] < need:
         size = max(1024, 1 << (need - 1).bit_length())
-        grown = np.full((*lead, size), np.nan)
+        grown = np.full((size, *trail), np.nan)
         if table is not None:
-            grown[..., :table.shape[-1]] = table
+            grown[:table.shape[0]] = table
         tables[key] = table = grown
     return table
 
@@ -401,7 +507,7 @@ _NO_RANKS_TABLE = np.empty((0, 0, 0))
 
 def _ranks_table(key: tuple, largest: float) -> np.ndarray:
     """The ranks' seconds of :func:`_moe_times` (own tokens) for one (device, layer shape):
-    ``[experts with rows - 1, row blocks beyond the fewest, rows]``; none for more than
+    ``[rows, experts with rows - 1, row blocks beyond the fewest]``; none for more than
     :data:`_RANKS_TABLE_EXPERTS` local experts."""
     experts = int(key[0])
     if experts > _RANKS_TABLE_EXPERTS:
@@ -485,9 +591,12 @@ def expert_times(device, local: np.ndarray, *, hidden: int, inter: int, dtype: s
     args = (float(flat.shape[1]), float(hidden), float(inter // expert_tp), float(top_k), bool(gated), _moe_device(device, dtype))
     table = _table(args, tokens.max(initial=0.0))
     own = tokens.size == 0
-    ranks_table = _ranks_table(args, table.shape[1] - 1) if own else _NO_RANKS_TABLE
-    times, largest = _moe_times(np.ascontiguousarray(flat), tokens, *args, table, ranks_table)
-    if largest >= table.shape[1]:
+    ranks_table = _ranks_table(args, table.shape[0] - 1) if own else _NO_RANKS_TABLE
+    if own and flat.dtype == np.int64 and ranks_table.shape[1] >= flat.shape[1]:
+        times, largest = _own_times(np.ascontiguousarray(flat), *args, table, ranks_table)
+    else:
+        times, largest = _moe_times(np.ascontiguousarray(flat), tokens, *args, table, ranks_table)
+    if largest >= table.shape[0]:
         _table(args, largest)  # the next call finds these counts tabled
         if own:
             _ranks_table(args, largest)
