@@ -352,22 +352,36 @@ def test_two_micro_batches_costed_together_equal_each_alone(tmp_path):
         assert together["dropped"][i] == alone["dropped"] and together["slots"][i] == alone["slots"]
 
 
-@pytest.mark.parametrize("chunked", [True, False])
-def test_array_scheduler_equals_the_per_request_reference(tmp_path, monkeypatch, chunked):
+@pytest.mark.parametrize("variant", ["chunked", "whole prompts", "token level", "disaggregated"])
+def test_compiled_engine_passes_equal_the_per_request_references(tmp_path, monkeypatch, variant):
+    """The compiled scheduler, advance and token-level counting give the same run as their
+    per-request references, preemptions (short of KV blocks) and KV handoffs included."""
     from dataclasses import replace
 
     from moesim.sim import engine
+    from moesim.sim.routing import TokenSource
 
-    scn, path = _scenario(tmp_path, scheduler={"max_running": 16, "max_batched_tokens": 1024, "chunked_prefill": chunked},
+    extra = {"whole prompts": {"scheduler": {"max_running": 16, "max_batched_tokens": 1024, "chunked_prefill": False}},
+             "token level": {"routing": {"distribution": "profile", "level": "token", "seed": 3}},
+             "disaggregated": {"parallel": {"tp": 1, "ep": 1},
+                               "disaggregation": {"prefill": {"tp": 1, "dp": 2, "ep": 2}, "decode": {"tp": 1, "dp": 4, "ep": 4}}},
+             }.get(variant, {})
+    scn, path = _scenario(tmp_path, **({"scheduler": {"max_running": 16, "max_batched_tokens": 1024}} | extra),
                           workload={"rate": 100.0, "output": {"mean": 150, "cv": 0.5, "max": 400}})
     sim = build(scn, path)
     sim.groups = [replace(g, kv_blocks=100) for g in sim.groups]  # short of KV blocks: decodes preempt
     fast_log, fast = sim.run()
     monkeypatch.setattr(engine._Group, "_schedule", engine._Group._schedule_reference)
+    monkeypatch.setattr(engine._Group, "_advance", engine._Group._advance_reference)
+    monkeypatch.setattr(TokenSource, "step", TokenSource._step_reference)
     ref_log, ref = sim.run()
     assert ref["preemptions"] > 0 and fast == ref
-    assert fast_log.steps == ref_log.steps
-    np.testing.assert_array_equal(fast_log.finish, ref_log.finish)
+    assert fast_log.steps == ref_log.steps and fast_log.counters == ref_log.counters
+    assert fast_log.transfers == ref_log.transfers
+    for key in ("finish", "first_token", "preemptions"):
+        np.testing.assert_array_equal(getattr(fast_log, key), getattr(ref_log, key))
+    if variant == "disaggregated":
+        assert fast["kv_transfers"] > 0
 
 
 def test_segment_maxima_are_numpys_segment_sums_then_maxima():

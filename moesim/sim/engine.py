@@ -16,14 +16,13 @@ engines.
 
 from __future__ import annotations
 
-from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
 
-from moesim.sim.kernels import classify
+from moesim.sim.kernels import advance, schedule
 from moesim.sim.resources import SharedLink
 from moesim.sim.step import StepLoad, StepModel
 
@@ -69,9 +68,12 @@ class _Group:
         R = cfg.model.replicas
         self.R = R
         self.queues = [deque() for _ in range(R)]
-        # each replica's running sequences in admission order, as machine integers: a step reads
-        # them all as one array by joining their bytes (a step can run thousands)
-        self.running: list[array] = [array("q") for _ in range(R)]
+        self.waiting = 0  # requests in the queues
+        # replica r's running sequences in admission order are seqs[r, :count[r]], so a step's
+        # compiled passes read and update them in place (a step can run thousands); a running
+        # sequence holds at least one KV block, so a replica runs at most kv_blocks
+        self.seqs = np.zeros((R, min(cfg.max_running, cfg.kv_blocks)), dtype=np.int64)
+        self.count = np.zeros(R, dtype=np.int64)
         self.free = np.full(R, cfg.kv_blocks, dtype=np.int64)
         self.next_replica = 0
         self.wakeup: simpy.Event | None = None
@@ -99,6 +101,7 @@ class _Group:
         self.target[request] = self.log.prompt[request] + max(generated - 1, 0)
         self.prefilled[request] = prefilled
         self.queues[r].append(request)
+        self.waiting += 1
         if self.wakeup is not None and not self.wakeup.triggered:
             self.wakeup.succeed()
 
@@ -106,10 +109,13 @@ class _Group:
         return -(-tokens // self.cfg.block_size)
 
     def _admit(self) -> None:
+        if not self.waiting:
+            return
         cfg = self.cfg
         for r in range(self.R):
-            queue, running = self.queues[r], self.running[r]
-            while queue and len(running) < cfg.max_running:
+            queue = self.queues[r]
+            n = int(self.count[r])
+            while queue and n < cfg.max_running:
                 request = queue[0]
                 need = self._blocks_for(int(self.target[request]) + 1)
                 if need > cfg.kv_blocks:
@@ -117,50 +123,45 @@ class _Group:
                 if need > self.free[r]:
                     break
                 queue.popleft()
-                running.append(request)
+                self.waiting -= 1
+                self.seqs[r, n] = request
+                n += 1
                 self.free[r] -= need
                 self.blocks[request] = need
                 self.context[request] = self.prefilled[request]
+            self.count[r] = n
 
     def _preempt(self, r: int) -> bool:
         """Free the newest running sequence of replica ``r`` for recompute; False if none runs."""
-        if not self.running[r]:
+        if not self.count[r]:
             return False
-        request = self.running[r].pop()
+        self.count[r] -= 1
+        request = int(self.seqs[r, self.count[r]])
         self.free[r] += self.blocks[request]
         self.blocks[request] = 0
         self.log.preemptions[request] += 1
         self.target[request] = self.log.prompt[request] + max(self.generated[request] - 1, 0)
         self.prefilled[request] = 0
         self.queues[r].appendleft(request)
+        self.waiting += 1
         return True
 
     # -- one step ------------------------------------------------------------------------------
     def _schedule(self):
-        """This step's decode sequences (an array, replica by replica in running order) and
-        prompt chunks ``(replica, request, tokens, context)``. Every running sequence is
-        classified at once over arrays; only replicas that must preempt or that hold prompts
-        to chunk are walked one request at a time."""
-        ids, rep, dec, grow, grow_per, prefilling = self._classify()
-        short = np.flatnonzero(grow_per > self.free)
-        if short.size:
-            for r in short.tolist():
-                # KV growth: a decode token that starts a block takes a free one, else the
-                # newest sequence is preempted until the rest fit
-                while np.count_nonzero(grow[rep == r]) > self.free[r] and self._preempt(r):
-                    ids, rep, dec, grow, grow_per, prefilling = self._classify()
-        self.blocks[ids[grow]] += 1
-        self.free -= grow_per
-        decode_ids = ids[dec]
-        chunks: list[tuple[int, int, int, int]] = []  # (replica, request, tokens, context)
-        if prefilling.any():
-            budgets = self.cfg.max_batched_tokens - np.bincount(rep[dec], minlength=self.R)
-            queues: dict[int, list[int]] = {}  # replica by replica, as ids are
-            for r, q in zip(rep[prefilling].tolist(), ids[prefilling].tolist()):
-                queues.setdefault(r, []).append(q)
-            for r, queue in queues.items():
-                self._chunks(r, queue, int(budgets[r]), chunks)
-        return decode_ids, chunks
+        """This step's decode sequences (replica by replica in running order), prompt chunks
+        ``[n, 4]`` (replica, request, tokens, tokens already prefilled) and per replica the
+        decodes, their mean cached tokens and the prompt tokens: one compiled pass over the
+        running sequences (:func:`moesim.sim.kernels.schedule`), preempting where a replica
+        runs short of KV blocks."""
+        cfg = self.cfg
+        decode_ids, decode, kv, prefill, chunks, preempted = schedule(
+            self.seqs, self.count, self.free, self.prefilled, self.target, self.context, self.blocks, self.generated,
+            self.log.prompt, self.log.preemptions, cfg.block_size, cfg.chunked_prefill, cfg.max_batched_tokens)
+        if preempted.size:
+            for r, request in preempted.tolist():
+                self.queues[r].appendleft(request)
+            self.waiting += preempted.shape[0]
+        return decode_ids, chunks, decode, kv, prefill
 
     def _chunks(self, r: int, queue: list, budget: int, chunks: list) -> None:
         """Prompt chunks of replica ``r``'s prefilling sequences ``queue`` (admission order)
@@ -176,16 +177,6 @@ class _Group:
             chunks.append((r, q, take, int(self.prefilled[q])))
             budget -= take
 
-    def _classify(self):
-        """The running sequences (``ids`` replica by replica, ``rep`` their replicas), which
-        decode this step, which of those need a new KV block, how many per replica, and which
-        still prefill (:func:`moesim.sim.kernels.classify`; without chunked prefill a replica
-        with a prompt to prefill runs it alone)."""
-        lengths = np.fromiter(map(len, self.running), dtype=np.int64, count=self.R)
-        ids = np.frombuffer(b"".join(self.running), dtype=np.int64)
-        return (ids, *classify(ids, lengths, self.prefilled, self.target, self.context, self.cfg.block_size,
-                               self.cfg.chunked_prefill))
-
     def _schedule_reference(self):
         """:meth:`_schedule` one replica and one request at a time (the reference the tests
         compare it with)."""
@@ -193,12 +184,12 @@ class _Group:
         decode_ids: list[int] = []
         chunks: list[tuple[int, int, int, int]] = []  # (replica, request, tokens, context)
         for r in range(self.R):
-            running = self.running[r]
+            running = self._running(r)
             prefilling = [q for q in running if self.prefilled[q] < self.target[q]]
             dec = [] if (prefilling and not cfg.chunked_prefill) else [q for q in running if self.prefilled[q] >= self.target[q]]
             grow = [q for q in dec if self.context[q] % cfg.block_size == 0]
             while len(grow) > self.free[r] and self._preempt(r):
-                running = self.running[r]
+                running = self._running(r)
                 prefilling = [q for q in running if self.prefilled[q] < self.target[q]]
                 dec = [q for q in running if self.prefilled[q] >= self.target[q]] if dec else []
                 grow = [q for q in dec if self.context[q] % cfg.block_size == 0]
@@ -207,11 +198,7 @@ class _Group:
             self.free[r] -= len(grow)
             self._chunks(r, prefilling, cfg.max_batched_tokens - len(dec), chunks)
             decode_ids += dec
-        return np.array(decode_ids, dtype=np.int64), chunks
-
-    def _load(self, decode_ids: list[int], chunks) -> StepLoad:
-        R = self.R
-        ids = np.array(decode_ids, dtype=np.int64)
+        R, ids = self.R, np.array(decode_ids, dtype=np.int64)
         rep = self.replica[ids]
         decode = np.bincount(rep, minlength=R)
         kv_sum = np.bincount(rep, weights=self.context[ids], minlength=R)
@@ -219,23 +206,41 @@ class _Group:
         prefill = np.zeros(R, dtype=np.int64)
         for r, _, take, _ in chunks:
             prefill[r] += take
+        return ids, np.array(chunks, dtype=np.int64).reshape(-1, 4), decode, kv, prefill
+
+    def _running(self, r: int) -> list[int]:
+        return self.seqs[r, :self.count[r]].tolist()
+
+    def _load(self, decode_ids: np.ndarray, chunks: np.ndarray, decode: np.ndarray, kv: np.ndarray,
+              prefill: np.ndarray) -> StepLoad:
         if self.routing is None:  # a dense model
             counts, source = np.zeros((0, 0), dtype=np.int64), None
         else:
-            counts, source = self.routing.step(self, ids, chunks, int(decode.sum() + prefill.sum()), int(decode.sum()))
-        return StepLoad(decode, kv, prefill, [(r, take, ctx) for r, _, take, ctx in chunks], counts, source)
+            decodes = decode_ids.size
+            counts, source = self.routing.step(self, decode_ids, chunks, decodes + int(prefill.sum()), decodes)
+        return StepLoad(decode, kv, prefill, [(r, take, ctx) for r, _, take, ctx in chunks.tolist()], counts, source)
 
-    def _advance(self, decode_ids: list[int], chunks, now: float) -> None:
+    def _advance(self, decode_ids: np.ndarray, chunks: np.ndarray, now: float) -> None:
         log = self.log
-        ids = np.asarray(decode_ids, dtype=np.int64)
-        self.generated[ids] += 1
-        self.context[ids] += 1
-        done: list[int] = ids[self.generated[ids] >= log.output[ids]].tolist()
-        for _, q, take, _ in chunks:
+        done, handed = advance(decode_ids, chunks, self.seqs, self.count, self.free, self.blocks, self.replica,
+                               self.prefilled, self.target, self.context, self.generated, log.output, log.first_token,
+                               log.finish, now, self.handoff is not None)
+        for q, generated in handed.tolist():
+            self.handoff(q, generated)
+        for q in done.tolist():
+            self.finished(q)
+
+    def _advance_reference(self, decode_ids: np.ndarray, chunks: np.ndarray, now: float) -> None:
+        """:meth:`_advance` one sequence at a time (the reference the tests compare it with)."""
+        log = self.log
+        self.generated[decode_ids] += 1
+        self.context[decode_ids] += 1
+        done = decode_ids[self.generated[decode_ids] >= log.output[decode_ids]].tolist()
+        for _, q, take, _ in chunks.tolist():
             self.prefilled[q] += take
             self.context[q] += take
             if self.prefilled[q] >= self.target[q]:
-                self.generated[q] += 1  # the prompt's last position yields the next token
+                self.generated[q] += 1
                 if np.isnan(log.first_token[q]):
                     log.first_token[q] = now
                 if self.handoff is not None and self.generated[q] < log.output[q]:
@@ -250,7 +255,10 @@ class _Group:
 
     def _release(self, q: int) -> None:
         r = self.replica[q]
-        self.running[r].remove(q)
+        running = self._running(r)
+        running.remove(q)
+        self.count[r] -= 1
+        self.seqs[r, :len(running)] = running
         self.free[r] += self.blocks[q]
         self.blocks[q] = 0
 
@@ -261,13 +269,14 @@ class _Group:
         env, log, cfg = self.env, self.log, self.cfg
         while True:
             self._admit()
-            decode_ids, chunks = self._schedule()
-            if not decode_ids.size and not chunks:
+            batch = self._schedule()
+            decode_ids, chunks = batch[0], batch[1]
+            if not decode_ids.size and not chunks.size:
                 self.wakeup = env.event()
                 yield self.wakeup
                 self.wakeup = None
                 continue
-            load = self._load(decode_ids, chunks)
+            load = self._load(*batch)
             detail = self.step_index in self.detail_steps
             cost = cfg.model.cost(load, detail=detail)
             start = env.now
@@ -276,10 +285,10 @@ class _Group:
             steps["group"].append(cfg.name)
             steps["start"].append(start)
             steps["duration"].append(cost.duration)
-            steps["decode_tokens"].append(len(decode_ids))
+            steps["decode_tokens"].append(decode_ids.size)
             steps["prefill_tokens"].append(int(load.prefill.sum()))
-            steps["running"].append(sum(len(r) for r in self.running))
-            steps["waiting"].append(sum(len(q) for q in self.queues))
+            steps["running"].append(int(self.count.sum()))
+            steps["waiting"].append(self.waiting)
             used = cfg.kv_blocks * self.R - int(self.free.sum())
             steps["kv_used_blocks"].append(used)
             steps["slots"].append(cost.slots)

@@ -6,7 +6,8 @@ records spans (the reference); :func:`segment_maxima`: the slowest replica's com
 MoE layer; :func:`scaled_floor`: a micro-batch's share of a step's counts; :func:`rank_slots` and
 :func:`exchange_maxima`: the expert-parallel layers' per-rank slots and all-to-all maxima;
 :func:`busy_seconds`: a step's compute seconds per replica and per rank;
-:func:`classify`: the scheduler's view of the running sequences.
+:func:`schedule` and :func:`advance`: a serving step's scheduler and its advance of the sequences
+(:class:`moesim.sim.engine._Group`); :func:`token_sources`: a step's routed slots from a token-level trace.
 """
 
 from __future__ import annotations
@@ -119,32 +120,85 @@ def exchange_maxima(dispatch: np.ndarray, combine: np.ndarray, slots: np.ndarray
 
 
 @numba.njit(cache=True)
-def classify(ids: np.ndarray, lengths: np.ndarray, prefilled: np.ndarray, target: np.ndarray, context: np.ndarray,
-             block_size: int, chunked: bool):
-    """The running sequences ``ids`` (replica by replica, ``lengths`` of each) seen by the
-    scheduler: each one's replica, whether it decodes this step (its prompt is prefilled;
-    without chunked prefill, and no prompt of its replica still waits), whether that decode
-    token starts a new KV block (``context`` a multiple of ``block_size`` tokens), the new
-    blocks per replica, and whether it still has prompt tokens to prefill."""
-    n, R = ids.size, lengths.size
-    rep = np.empty(n, dtype=np.int64)
-    dec, grow, prefilling = np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.bool_)
-    grow_per = np.zeros(R, dtype=np.int64)
-    i = 0
+def schedule(seqs: np.ndarray, count: np.ndarray, free: np.ndarray, prefilled: np.ndarray, target: np.ndarray,
+             context: np.ndarray, blocks: np.ndarray, generated: np.ndarray, prompt: np.ndarray,
+             preemptions: np.ndarray, block_size: int, chunked: bool, budget: int):
+    """One scheduler step over every DP replica's running sequences ``seqs[r, :count[r]]``
+    (admission order), in place: a sequence whose prompt is prefilled decodes (without chunked
+    prefill, only where no prompt of its replica waits); a decode token that starts a KV block
+    (``context`` a multiple of ``block_size``) takes one of ``free``, else the replica's newest
+    sequence is preempted for recompute (its blocks freed, its prompt and tokens so far to
+    prefill again) until the rest fit; prompt chunks then fill each replica's ``budget`` tokens
+    less its decodes, prompt after prompt. Returns the decode sequences (replica by replica),
+    per replica their number and mean cached tokens (rounded up; float sums in order, as
+    ``np.bincount``'s weights), the prompt tokens, the chunks ``[n, 4]`` (replica, sequence,
+    tokens, tokens already prefilled) and the preempted ``[m, 2]`` (replica, sequence) in order."""
+    R = count.size
+    total = 0
     for r in range(R):
-        start = i
-        waiting = False
-        for _ in range(lengths[r]):
-            q = ids[i]
-            rep[i] = r
-            prefilling[i] = prefilled[q] < target[q]
-            waiting |= prefilling[i]
-            i += 1
-        for j in range(start, i):
-            dec[j] = not prefilling[j] and (chunked or not waiting)
-            grow[j] = dec[j] and context[ids[j]] % block_size == 0
-            grow_per[r] += grow[j]
-    return rep, dec, grow, grow_per, prefilling
+        total += count[r]
+    decode_ids = np.empty(total, dtype=np.int64)
+    chunks = np.empty((total, 4), dtype=np.int64)
+    preempted = np.empty((total, 2), dtype=np.int64)
+    decode = np.zeros(R, dtype=np.int64)
+    kv = np.zeros(R, dtype=np.int64)
+    prefill = np.zeros(R, dtype=np.int64)
+    n_dec = n_chunks = n_pre = 0
+    for r in range(R):
+        while True:
+            waiting = False
+            for j in range(count[r]):
+                q = seqs[r, j]
+                waiting |= prefilled[q] < target[q]
+            grow = 0
+            if chunked or not waiting:
+                for j in range(count[r]):
+                    q = seqs[r, j]
+                    if prefilled[q] >= target[q] and context[q] % block_size == 0:
+                        grow += 1
+            if grow <= free[r] or count[r] == 0:
+                break
+            q = seqs[r, count[r] - 1]
+            count[r] -= 1
+            free[r] += blocks[q]
+            blocks[q] = 0
+            preemptions[q] += 1
+            target[q] = prompt[q] + max(generated[q] - 1, 0)
+            prefilled[q] = 0
+            preempted[n_pre, 0], preempted[n_pre, 1] = r, q
+            n_pre += 1
+        free[r] -= grow
+        kv_sum = 0.0
+        if chunked or not waiting:
+            for j in range(count[r]):
+                q = seqs[r, j]
+                if prefilled[q] >= target[q]:
+                    if context[q] % block_size == 0:
+                        blocks[q] += 1
+                    decode_ids[n_dec] = q
+                    n_dec += 1
+                    decode[r] += 1
+                    kv_sum += context[q]
+        kv[r] = np.int64(np.ceil(kv_sum / max(decode[r], 1)))
+        left_budget = budget - decode[r]
+        for j in range(count[r]):
+            q = seqs[r, j]
+            if prefilled[q] >= target[q]:
+                continue
+            if left_budget <= 0:
+                break
+            left = target[q] - prefilled[q]
+            if chunked:
+                take = min(left, left_budget)
+            else:
+                take = left if left <= left_budget or n_chunks == 0 else 0
+            if take <= 0:
+                break
+            chunks[n_chunks, 0], chunks[n_chunks, 1], chunks[n_chunks, 2], chunks[n_chunks, 3] = r, q, take, prefilled[q]
+            n_chunks += 1
+            prefill[r] += take
+            left_budget -= take
+    return decode_ids[:n_dec], decode, kv, prefill, chunks[:n_chunks], preempted[:n_pre]
 
 
 @numba.njit(cache=True)
@@ -194,3 +248,80 @@ def busy_seconds(compute: np.ndarray, shared: np.ndarray, head: np.ndarray, expe
     routed = np.zeros(experts.shape[2])
     _add_layer_sums(experts, routed)
     return attention, routed
+
+
+@numba.njit(cache=True)
+def _release(q: int, seqs: np.ndarray, count: np.ndarray, free: np.ndarray, blocks: np.ndarray, replica: np.ndarray) -> None:
+    """Sequence ``q`` leaves its replica's running sequences (the rest keep their order) and
+    frees its KV blocks."""
+    r = replica[q]
+    j = 0
+    while seqs[r, j] != q:
+        j += 1
+    for i in range(j + 1, count[r]):
+        seqs[r, i - 1] = seqs[r, i]
+    count[r] -= 1
+    free[r] += blocks[q]
+    blocks[q] = 0
+
+
+@numba.njit(cache=True)
+def advance(decode_ids: np.ndarray, chunks: np.ndarray, seqs: np.ndarray, count: np.ndarray, free: np.ndarray,
+            blocks: np.ndarray, replica: np.ndarray, prefilled: np.ndarray, target: np.ndarray, context: np.ndarray,
+            generated: np.ndarray, output: np.ndarray, first_token: np.ndarray, finish: np.ndarray, now: float,
+            handoff: bool):
+    """A step's sequences advanced at time ``now`` (s), in place: each decode adds a token; each
+    prompt chunk ``(replica, sequence, tokens, context)`` is prefilled and, at its prompt's end,
+    yields a token (the first one sets ``first_token``). Sequences with all their ``output``
+    tokens leave, ``finish`` at ``now``; with ``handoff`` (disaggregated prefill) a finished prompt
+    with tokens still to generate leaves for the decode group instead. Returns the finished
+    sequences (decodes first, then prompts, in step order) and the handed off ``[m, 2]``
+    (sequence, tokens generated)."""
+    done = np.empty(decode_ids.size + chunks.shape[0], dtype=np.int64)
+    handed = np.empty((chunks.shape[0], 2), dtype=np.int64)
+    n_done = n_handed = 0
+    for q in decode_ids:
+        generated[q] += 1
+        context[q] += 1
+        if generated[q] >= output[q]:
+            done[n_done] = q
+            n_done += 1
+    for i in range(chunks.shape[0]):
+        q, take = chunks[i, 1], chunks[i, 2]
+        prefilled[q] += take
+        context[q] += take
+        if prefilled[q] >= target[q]:
+            generated[q] += 1  # the prompt's last position yields the next token
+            if np.isnan(first_token[q]):
+                first_token[q] = now
+            if handoff and generated[q] < output[q]:
+                _release(q, seqs, count, free, blocks, replica)
+                handed[n_handed, 0], handed[n_handed, 1] = q, generated[q]
+                n_handed += 1
+            elif generated[q] >= output[q]:
+                done[n_done] = q
+                n_done += 1
+    for i in range(n_done):
+        _release(done[i], seqs, count, free, blocks, replica)
+        finish[done[i]] = now
+    return done[:n_done], handed[:n_handed]
+
+
+@numba.njit(cache=True)
+def token_sources(ids: np.ndarray, rows: np.ndarray, rep: np.ndarray, replicas: int, experts: int):
+    """Routed slots ``[replicas, layers, experts]`` of the trace ``ids`` ``[tokens, layers,
+    top_k]``'s ``rows`` (token ``i`` on replica ``rep[i]``; null experts, -1, are not computed),
+    and their sum over replicas ``[layers, experts]``: one pass instead of NumPy's gather, keys
+    and bincount."""
+    _, L, k = ids.shape
+    source = np.zeros((replicas, L, experts), dtype=np.int64)
+    counts = np.zeros((L, experts), dtype=np.int64)
+    for i in range(rows.size):
+        row, r = rows[i], rep[i]
+        for l in range(L):
+            for j in range(k):
+                e = ids[row, l, j]
+                if e >= 0:
+                    source[r, l, e] += 1
+                    counts[l, e] += 1
+    return source, counts

@@ -28,6 +28,7 @@ from moesim.routing.generate import generate_tokens
 from moesim.routing.profile import RoutingProfile
 from moesim.routing.stream import CountStream, round_to_total
 from moesim.routing.trace import load_trace
+from moesim.sim.kernels import token_sources
 
 
 class CountSource:
@@ -60,18 +61,44 @@ class TokenSource:
         self.ids, self.offset, self.experts = ids, offset, experts
 
     def step(self, group, decode_ids, chunks, tokens: int, continuing: int):
+        """The step's routed slots ``[layers, experts]`` and per replica ``[replicas, layers,
+        experts]``: its decodes' next rows, then each prompt chunk's ``[n, 4]`` (replica,
+        request, tokens, context) rows, counted in one compiled pass
+        (:func:`moesim.sim.kernels.token_sources`)."""
+        rows, rep = self._rows(group, decode_ids, chunks)
+        source, counts = token_sources(self.ids, rows, rep, group.R, self.experts)
+        return counts, source
+
+    def _rows(self, group, decode_ids, chunks):
+        """The step's trace rows and their replicas; keeps them with their requests (the
+        expert-offloading model reads them)."""
+        takes = chunks[:, 2]
+        rows = [self.offset[decode_ids] + group.context[decode_ids]]
+        replicas = [group.replica[decode_ids]]
+        requests = [decode_ids]
+        if takes.size:
+            # each chunk's rows run from its request's offset plus its context, one a token
+            starts = np.repeat(self.offset[chunks[:, 1]] + chunks[:, 3] - np.cumsum(takes) + takes, takes)
+            rows.append(starts + np.arange(int(takes.sum())))
+            replicas.append(np.repeat(chunks[:, 0], takes))
+            requests.append(np.repeat(chunks[:, 1], takes))
+        rows = np.minimum(np.concatenate(rows), self.ids.shape[0] - 1)
+        self.rows, self.row_requests = rows, np.concatenate(requests)
+        return rows, np.concatenate(replicas)
+
+    def _step_reference(self, group, decode_ids, chunks, tokens: int, continuing: int):
+        """:meth:`step` in NumPy, one chunk at a time (the reference the tests compare it with)."""
         R, L, E = group.R, self.ids.shape[1], self.experts
         rows = [self.offset[decode_ids] + group.context[decode_ids]]
         replicas = [group.replica[decode_ids]]
-        for r, q, take, ctx in chunks:
+        for r, q, take, ctx in chunks.tolist():
             rows.append(self.offset[q] + ctx + np.arange(take))
             replicas.append(np.full(take, r))
         rows = np.minimum(np.concatenate(rows), self.ids.shape[0] - 1)
         rep = np.concatenate(replicas)
-        # the step's trace rows and their requests, for the expert-offloading model
         self.rows = rows
         self.row_requests = np.concatenate([np.asarray(decode_ids, dtype=np.int64)] +
-                                           [np.full(take, q, dtype=np.int64) for _, q, take, _ in chunks])
+                                           [np.full(take, q, dtype=np.int64) for _, q, take, _ in chunks.tolist()])
         chosen = self.ids[rows].astype(np.int64)  # [n, L, k]
         key = (rep[:, None, None] * L + np.arange(L)[None, :, None]) * E + chosen
         valid = chosen >= 0  # null experts (-1) are not computed
