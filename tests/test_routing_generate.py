@@ -6,7 +6,7 @@ import pytest
 
 from moesim.routing.generate import drop_over_capacity, generate_tokens
 from moesim.routing.trace import tokens_per_expert
-from moesim.routing.profile import RoutingProfile, alias_tables
+from moesim.routing.profile import RoutingProfile, _vose, alias_tables, draw_without_replacement
 
 CASES = {
     "token_choice": dict(num_experts=8, top_k=2, num_layers=4, skew=1.0, locality=0.3, affinity=0.4),
@@ -134,6 +134,49 @@ def test_alias_tables_draw_the_right_distribution():
         pick = np.where(x - i >= prob[row, i], alias[row, i], i)
         freq = np.bincount(pick, minlength=4) / u.size
         assert np.allclose(freq, weights[row] / weights[row].sum(), atol=1e-3)
+
+
+def _generators(seed, offset):
+    """Two generators in the same state, ``offset`` 32-bit draws in: an odd count leaves half of
+    a 64-bit output buffered (PCG64's ``has_uint32``), which the next draws must use alike."""
+    pair = [np.random.default_rng([seed, 0x5EED]) for _ in range(2)]
+    for rng in pair:
+        rng.integers(0, 1000, size=offset)
+    return pair
+
+
+@pytest.mark.parametrize("n", [1, 8, 64, 128, 160, 256, 384])
+@pytest.mark.parametrize("seed,offset", [(0, 0), (3, 1), (12345, 7)])
+def test_draw_without_replacement_equals_numpy_choice(n, seed, offset):
+    for size in sorted({min(s, n) for s in (1, 2, 4, 8, 16, n // 2 or 1, 256, n)}):
+        reference, compiled = _generators(seed, offset)
+        rows = [reference.choice(n, size=size, replace=False) for _ in range(2 * n + 3)]
+        out = np.empty((2 * n + 3, size), dtype=np.int32)
+        draw_without_replacement(compiled, out, n)
+        assert np.array_equal(out, np.array(rows)), (n, size)
+        assert compiled.bit_generator.state == reference.bit_generator.state, (n, size)
+
+
+@pytest.mark.parametrize("n,size", [(10_001, 200), (10_001, 201), (12_000, 256), (12_000, 12_000)])
+def test_draw_without_replacement_follows_numpy_past_ten_thousand(n, size):
+    # NumPy shuffles the tail of arange(n) instead when n > 10000 and size > n // 50
+    reference, compiled = _generators(1, 1)
+    rows = [reference.choice(n, size=size, replace=False) for _ in range(3)]
+    out = np.empty((3, size), dtype=np.int32)
+    draw_without_replacement(compiled, out, n)
+    assert np.array_equal(out, np.array(rows))
+    assert compiled.bit_generator.state == reference.bit_generator.state
+
+
+def test_alias_tables_equal_one_table_per_row():
+    weights = np.random.default_rng(2).random((3, 5, 2, 32)) ** 4
+    weights[0, 0, 0] = 0.0  # an all-zero row: uniform
+    prob, alias = alias_tables(weights)
+    assert prob.dtype == np.float64 and alias.dtype == np.int32 and prob.shape == alias.shape == weights.shape
+    for index in np.ndindex(weights.shape[:-1]):
+        row_prob, row_alias = np.empty(32), np.empty(32, dtype=np.int32)
+        _vose(weights[index], row_prob, row_alias)
+        assert np.array_equal(prob[index], row_prob) and np.array_equal(alias[index], row_alias)
 
 
 def test_profile_validation():

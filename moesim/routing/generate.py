@@ -807,7 +807,7 @@ def _inclusion(profile: RoutingProfile, seed: int, sample: int) -> np.ndarray:
     E = profile.num_experts
     share = np.full((profile.domains, profile.num_layers, E), 1.0 / E)
     for d in range(profile.domains):
-        mine = ids[dom == d]
+        mine = ids if profile.domains == 1 else ids[dom == d]  # one domain: no copy of the whole sample
         if mine.shape[0] == 0:
             continue
         counts = tokens_per_expert(mine, E, mine.shape[0])[0].astype(np.float64)
