@@ -26,15 +26,19 @@ from collections import namedtuple
 
 import numba
 import numpy as np
+from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from moesim.cost.gemm import gemm_time
 from moesim.cost.roofline import OpCost, combine, roofline
 from moesim.dtypes import canonical_dtype, dtype_bytes, weight_bytes_per_param
 
-# The device numbers the compiled MoE loop reads (one tuple per device and expert dtype).
+# The device numbers the compiled MoE loop reads (one tuple per device and expert dtype); all floats
+# (``reads_all`` 1.0 or 0.0), so that the tuple rebuilt from an array in the loop is the same type.
 _MoeDevice = namedtuple("_MoeDevice", "launch p latency stream vector_rate moe_rate moe_stream tile_m tile_n k_half units "
                                       "empty_block weight_bytes act_bytes inflight_half small_ratio small_stream unaligned "
                                       "tile_k small_rate reads_all row_block")
+
+_DEVICE_FIGURES = len(_MoeDevice._fields)
 
 _PARTS = ("topk", "align", "gate_up", "activation", "down", "combine")
 _FIELDS = ("time", "compute_time", "memory_time", "launch_time", "flops", "bytes")
@@ -43,16 +47,25 @@ _FIELDS = ("time", "compute_time", "memory_time", "launch_time", "flops", "bytes
 _DEVICES: dict[tuple[int, str], tuple] = {}
 
 
-def _moe_device(device, dtype: str) -> _MoeDevice:
-    """:func:`_moe_device_figures`, remembered per device object (profiles are frozen models;
-    the entry keeps the object, so its id is not reused while it is remembered): the simulator
-    asks once a step, and working the figures out costs more than a step's MoE layer on one GPU."""
+def _moe_device_entry(device, dtype: str) -> tuple:
+    """(device, :func:`_moe_device_figures`, the figures as a float64 array), remembered per
+    device object (profiles are frozen models; the entry keeps the object, so its id is not
+    reused while it is remembered): the simulator asks once a step, and working the figures
+    out costs more than a step's MoE layer on one GPU. The array is what :func:`_own_times`
+    takes: Numba types a tuple of 22 floats field by field on every call (about 3 us), an
+    array at once."""
     entry = _DEVICES.get((id(device), dtype))
     if entry is None or entry[0] is not device:
         if len(_DEVICES) >= 256:  # calibration fits make many device variants
             _DEVICES.clear()
-        entry = _DEVICES[id(device), dtype] = (device, _moe_device_figures(device, dtype))
-    return entry[1]
+        figures = _moe_device_figures(device, dtype)
+        entry = _DEVICES[id(device), dtype] = (device, figures, np.array(figures, dtype=np.float64))
+    return entry
+
+
+def _moe_device(device, dtype: str) -> _MoeDevice:
+    """:func:`_moe_device_figures`, remembered per device object (:func:`_moe_device_entry`)."""
+    return _moe_device_entry(device, dtype)[1]
 
 
 def _moe_device_figures(device, dtype: str) -> _MoeDevice:
@@ -72,7 +85,7 @@ def _moe_device_figures(device, dtype: str) -> _MoeDevice:
         float(eff.moe_small_batch.get(variant, 0.0)), float(stream * eff.moe_small_memory.get(variant, 1.0)),
         float(eff.moe_unaligned_for(variant, canon)), float(eff.moe_tile_k),
         float(device.peak_flops(act) * eff.moe_small_compute.get(variant, eff.moe_compute_for(variant, canon))),
-        variant in eff.moe_reads_all or canon in eff.moe_reads_all, float(eff.moe_row_block.get(variant, 0)))
+        float(variant in eff.moe_reads_all or canon in eff.moe_reads_all), float(eff.moe_row_block.get(variant, 0)))
 
 
 @numba.njit(inline="always", cache=True)
@@ -415,7 +428,7 @@ def _rank_slots(cells, width, low, span, kept, counts, slots):
 
 
 @numba.njit(cache=True)
-def _own_times(local, num_experts, hidden, shard, top_k, gated, d, table, ranks_table):
+def _own_times(local, num_experts, hidden, shard, top_k, gated, figures, table, ranks_table):
     """:func:`_moe_times` with each rank's own rows as its tokens, for whole counts (``local``
     int64) and a ``ranks_table`` of this many local experts: the same seconds, each rank's
     entry found without branches (about half the ranks of a decode step have rows on every
@@ -423,7 +436,9 @@ def _own_times(local, num_experts, hidden, shard, top_k, gated, d, table, ranks_
     a second pass; ranks not in the table then costed by :func:`_rank_seconds` and kept.
     ``ranks_table[0, 0, 0]`` (no rows, which a rank with experts never has) keeps a rank
     without rows. Kernels whose row block is not a power of two, or more than :data:`_SPAN`
-    doublings, go to :func:`_moe_times`."""
+    doublings, go to :func:`_moe_times`. ``figures``: the device's :class:`_MoeDevice` as an
+    array (:func:`_moe_device_entry`)."""
+    d = _MoeDevice(*to_fixed_tuple(figures, _DEVICE_FIGURES))
     ranks, width = local.shape
     edge = d.row_block if d.row_block > 0.0 else d.tile_m
     whole = np.int64(edge)
@@ -584,18 +599,21 @@ def expert_times(device, local: np.ndarray, *, hidden: int, inter: int, dtype: s
     flat = local.reshape(-1, local.shape[-1])
     if flat.dtype != np.int64:  # whole counts go in as they are (the compiled loop reads them exactly)
         flat = flat.astype(np.float64)
-    if tokens is None:
-        tokens = _NO_TOKENS  # each rank's own rows, counted in the loop
+    flat = np.ascontiguousarray(flat)
+    _, figures, vector = _moe_device_entry(device, dtype)
+    args = (float(flat.shape[1]), float(hidden), float(inter // expert_tp), float(top_k), bool(gated), figures)
+    own = tokens is None
+    if own:  # each rank's own rows, counted in the loop
+        table = _table(args, 0.0)
+        ranks_table = _ranks_table(args, table.shape[0] - 1)
+        if flat.dtype == np.int64 and ranks_table.shape[1] >= flat.shape[1]:
+            times, largest = _own_times(flat, *args[:5], vector, table, ranks_table)
+        else:
+            times, largest = _moe_times(flat, _NO_TOKENS, *args, table, ranks_table)
     else:
         tokens = np.ascontiguousarray(np.broadcast_to(np.asarray(tokens, dtype=np.float64), local.shape[:-1]).reshape(-1))
-    args = (float(flat.shape[1]), float(hidden), float(inter // expert_tp), float(top_k), bool(gated), _moe_device(device, dtype))
-    table = _table(args, tokens.max(initial=0.0))
-    own = tokens.size == 0
-    ranks_table = _ranks_table(args, table.shape[0] - 1) if own else _NO_RANKS_TABLE
-    if own and flat.dtype == np.int64 and ranks_table.shape[1] >= flat.shape[1]:
-        times, largest = _own_times(np.ascontiguousarray(flat), *args, table, ranks_table)
-    else:
-        times, largest = _moe_times(np.ascontiguousarray(flat), tokens, *args, table, ranks_table)
+        table = _table(args, tokens.max(initial=0.0))
+        times, largest = _moe_times(flat, tokens, *args, table, _NO_RANKS_TABLE)
     if largest >= table.shape[0]:
         _table(args, largest)  # the next call finds these counts tabled
         if own:
