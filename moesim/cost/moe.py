@@ -464,18 +464,17 @@ def _own_times(local, num_experts, hidden, shard, top_k, gated, figures, table, 
     else:
         largest = _rank_slots(cells, width, low, top - low, kept, counts, slots)
     times = np.empty(ranks)
-    misses = 0
     for i in range(ranks):
-        known = flat[max(slots[i], 0)]
-        known = known if slots[i] >= 0 else np.nan
-        misses += np.isnan(known)
-        times[i] = known
+        times[i] = flat[max(slots[i], 0)]  # (outside the table: replaced below)
+    misses = 0
+    for i in range(ranks):  # apart from the reads, so that it vectorises
+        misses += (slots[i] < 0) | np.isnan(times[i])
     if misses > 0:
         experts = float(width)
         up_side, down_side = _weight_side(2 * shard if gated else shard, hidden, d), _weight_side(hidden, shard, d)
         for i in range(ranks):
             slot = slots[i]
-            if not np.isnan(times[i]):
+            if slot >= 0 and not np.isnan(times[i]):
                 continue
             if slot >= 0 and not np.isnan(flat[slot]):  # met earlier in this call
                 times[i] = flat[slot]
