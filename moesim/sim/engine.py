@@ -112,24 +112,26 @@ class _Group:
         if not self.waiting:
             return
         cfg = self.cfg
-        for r in range(self.R):
-            queue = self.queues[r]
-            n = int(self.count[r])
+        counts, free = self.count.tolist(), self.free.tolist()  # Python ints: cheaper to test one by one
+        for r, queue in enumerate(self.queues):
+            n = counts[r]
             while queue and n < cfg.max_running:
                 request = queue[0]
                 need = self._blocks_for(int(self.target[request]) + 1)
                 if need > cfg.kv_blocks:
                     raise ValueError(f"request {request} needs {need} KV blocks; a replica holds {cfg.kv_blocks}")
-                if need > self.free[r]:
+                if need > free[r]:
                     break
                 queue.popleft()
                 self.waiting -= 1
                 self.seqs[r, n] = request
                 n += 1
-                self.free[r] -= need
+                free[r] -= need
                 self.blocks[request] = need
                 self.context[request] = self.prefilled[request]
-            self.count[r] = n
+            counts[r] = n
+        self.count[:] = counts
+        self.free[:] = free
 
     def _preempt(self, r: int) -> bool:
         """Free the newest running sequence of replica ``r`` for recompute; False if none runs."""

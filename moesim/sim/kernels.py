@@ -130,10 +130,9 @@ def schedule(seqs: np.ndarray, count: np.ndarray, free: np.ndarray, prefilled: n
     sequence is preempted for recompute (its blocks freed, its prompt and tokens so far to
     prefill again) until the rest fit; prompt chunks then fill each replica's ``budget`` tokens
     less its decodes, prompt after prompt. Returns the decode sequences (replica by replica),
-    per replica their number and mean cached tokens (rounded up; float sums in order, as
-    ``np.bincount``'s weights), the prompt tokens, the chunks ``[n, 4]`` (replica, sequence,
+    per replica their number and mean cached tokens (rounded up), the prompt tokens, the chunks ``[n, 4]`` (replica, sequence,
     tokens, tokens already prefilled) and the preempted ``[m, 2]`` (replica, sequence) in order."""
-    R = count.size
+    R, width = seqs.shape
     total = 0
     for r in range(R):
         total += count[r]
@@ -143,20 +142,36 @@ def schedule(seqs: np.ndarray, count: np.ndarray, free: np.ndarray, prefilled: n
     decode = np.zeros(R, dtype=np.int64)
     kv = np.zeros(R, dtype=np.int64)
     prefill = np.zeros(R, dtype=np.int64)
+    filling = np.empty(width, dtype=np.int64)  # one replica's sequences still prefilling
+    # a power-of-two block size (the usual 16) takes a mask instead of an integer division
+    mask = block_size - 1 if block_size & (block_size - 1) == 0 else -1
     n_dec = n_chunks = n_pre = 0
     for r in range(R):
+        # one pass takes the decodes' new blocks as it goes and gives them back when the
+        # replica runs short (then preempts and passes again) or must run a whole prompt
+        first = n_dec
         while True:
-            waiting = False
+            n_fill = grow = kv_sum = 0
             for j in range(count[r]):
                 q = seqs[r, j]
-                waiting |= prefilled[q] < target[q]
-            grow = 0
-            if chunked or not waiting:
-                for j in range(count[r]):
-                    q = seqs[r, j]
-                    if prefilled[q] >= target[q] and context[q] % block_size == 0:
-                        grow += 1
-            if grow <= free[r] or count[r] == 0:
+                if prefilled[q] < target[q]:
+                    filling[n_fill] = q
+                    n_fill += 1
+                else:
+                    new_block = (context[q] & mask if mask >= 0 else context[q] % block_size) == 0
+                    blocks[q] += new_block
+                    grow += new_block
+                    decode_ids[n_dec] = q
+                    n_dec += 1
+                    kv_sum += context[q]
+            short = grow > free[r]
+            if short or (n_fill and not chunked):
+                for i in range(first, n_dec):
+                    q = decode_ids[i]
+                    blocks[q] -= (context[q] & mask if mask >= 0 else context[q] % block_size) == 0
+                n_dec = first
+                grow = kv_sum = 0
+            if not short:
                 break
             q = seqs[r, count[r] - 1]
             count[r] -= 1
@@ -168,23 +183,13 @@ def schedule(seqs: np.ndarray, count: np.ndarray, free: np.ndarray, prefilled: n
             preempted[n_pre, 0], preempted[n_pre, 1] = r, q
             n_pre += 1
         free[r] -= grow
-        kv_sum = 0.0
-        if chunked or not waiting:
-            for j in range(count[r]):
-                q = seqs[r, j]
-                if prefilled[q] >= target[q]:
-                    if context[q] % block_size == 0:
-                        blocks[q] += 1
-                    decode_ids[n_dec] = q
-                    n_dec += 1
-                    decode[r] += 1
-                    kv_sum += context[q]
-        kv[r] = np.int64(np.ceil(kv_sum / max(decode[r], 1)))
-        left_budget = budget - decode[r]
-        for j in range(count[r]):
-            q = seqs[r, j]
-            if prefilled[q] >= target[q]:
-                continue
+        decodes = decode[r] = n_dec - first
+        # a sum of token counts is exact in float64 well past any KV cache, so the integer sum
+        # is the float sum np.bincount's weights would make
+        kv[r] = np.int64(np.ceil(np.float64(kv_sum) / max(decodes, 1)))
+        left_budget = budget - decodes
+        for i in range(n_fill):
+            q = filling[i]
             if left_budget <= 0:
                 break
             left = target[q] - prefilled[q]
