@@ -313,20 +313,42 @@ def advance(decode_ids: np.ndarray, chunks: np.ndarray, seqs: np.ndarray, count:
 
 
 @numba.njit(cache=True)
-def token_sources(ids: np.ndarray, rows: np.ndarray, rep: np.ndarray, replicas: int, experts: int):
-    """Routed slots ``[replicas, layers, experts]`` of the trace ``ids`` ``[tokens, layers,
-    top_k]``'s ``rows`` (token ``i`` on replica ``rep[i]``; null experts, -1, are not computed),
-    and their sum over replicas ``[layers, experts]``: one pass instead of NumPy's gather, keys
-    and bincount."""
-    _, L, k = ids.shape
-    source = np.zeros((replicas, L, experts), dtype=np.int64)
-    counts = np.zeros((L, experts), dtype=np.int64)
-    for i in range(rows.size):
-        row, r = rows[i], rep[i]
-        for l in range(L):
-            for j in range(k):
-                e = ids[row, l, j]
-                if e >= 0:
-                    source[r, l, e] += 1
-                    counts[l, e] += 1
-    return source, counts
+def _count_token(ids: np.ndarray, row: int, r: int, source: np.ndarray, counts: np.ndarray) -> None:
+    """Add trace row ``row``'s routed slots to replica ``r``'s ``source`` and to ``counts``."""
+    for l in range(ids.shape[1]):
+        for j in range(ids.shape[2]):
+            e = ids[row, l, j]
+            if e >= 0:  # null experts (-1) are not computed
+                source[r, l, e] += 1
+                counts[l, e] += 1
+
+
+@numba.njit(cache=True)
+def token_sources(ids: np.ndarray, offset: np.ndarray, context: np.ndarray, replica: np.ndarray, decode_ids: np.ndarray,
+                  chunks: np.ndarray, replicas: int, experts: int):
+    """A step's rows of the token-level trace ``ids`` ``[tokens, layers, top_k]`` (request ``q``'s
+    token at position ``p`` is row ``offset[q] + p``, clipped to the last): each decode's next
+    token (position ``context``), then each prompt chunk's ``[n, 4]`` (replica, request, tokens,
+    context) tokens; and their routed slots per replica ``[replicas, layers, experts]`` and
+    summed ``[layers, experts]``. Returns the slots, the summed slots, the rows and their
+    requests: one pass instead of NumPy's gathers, keys and bincount."""
+    last = ids.shape[0] - 1
+    n = decode_ids.size
+    for c in range(chunks.shape[0]):
+        n += chunks[c, 2]
+    rows = np.empty(n, dtype=np.int64)
+    requests = np.empty(n, dtype=np.int64)
+    source = np.zeros((replicas, ids.shape[1], experts), dtype=np.int64)
+    counts = np.zeros((ids.shape[1], experts), dtype=np.int64)
+    i = 0
+    for q in decode_ids:
+        rows[i], requests[i] = min(offset[q] + context[q], last), q
+        _count_token(ids, rows[i], replica[q], source, counts)
+        i += 1
+    for c in range(chunks.shape[0]):
+        r, q = chunks[c, 0], chunks[c, 1]
+        for t in range(chunks[c, 2]):
+            rows[i], requests[i] = min(offset[q] + chunks[c, 3] + t, last), q
+            _count_token(ids, rows[i], r, source, counts)
+            i += 1
+    return source, counts, rows, requests

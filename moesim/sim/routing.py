@@ -64,27 +64,11 @@ class TokenSource:
         """The step's routed slots ``[layers, experts]`` and per replica ``[replicas, layers,
         experts]``: its decodes' next rows, then each prompt chunk's ``[n, 4]`` (replica,
         request, tokens, context) rows, counted in one compiled pass
-        (:func:`moesim.sim.kernels.token_sources`)."""
-        rows, rep = self._rows(group, decode_ids, chunks)
-        source, counts = token_sources(self.ids, rows, rep, group.R, self.experts)
-        return counts, source
-
-    def _rows(self, group, decode_ids, chunks):
-        """The step's trace rows and their replicas; keeps them with their requests (the
+        (:func:`moesim.sim.kernels.token_sources`); keeps the rows and their requests (the
         expert-offloading model reads them)."""
-        takes = chunks[:, 2]
-        rows = [self.offset[decode_ids] + group.context[decode_ids]]
-        replicas = [group.replica[decode_ids]]
-        requests = [decode_ids]
-        if takes.size:
-            # each chunk's rows run from its request's offset plus its context, one a token
-            starts = np.repeat(self.offset[chunks[:, 1]] + chunks[:, 3] - np.cumsum(takes) + takes, takes)
-            rows.append(starts + np.arange(int(takes.sum())))
-            replicas.append(np.repeat(chunks[:, 0], takes))
-            requests.append(np.repeat(chunks[:, 1], takes))
-        rows = np.minimum(np.concatenate(rows), self.ids.shape[0] - 1)
-        self.rows, self.row_requests = rows, np.concatenate(requests)
-        return rows, np.concatenate(replicas)
+        source, counts, self.rows, self.row_requests = token_sources(
+            self.ids, self.offset, group.context, group.replica, decode_ids, chunks, group.R, self.experts)
+        return counts, source
 
     def _step_reference(self, group, decode_ids, chunks, tokens: int, continuing: int):
         """:meth:`step` in NumPy, one chunk at a time (the reference the tests compare it with)."""
