@@ -397,7 +397,7 @@ _SPAN = 8  # row-block doublings :func:`_own_times` follows (16 up to 4096 rows)
 
 
 @numba.njit(inline="always", cache=True)
-def _rank_slots(cells, width, low, span, kept, counts, slots):
+def _table_slots(cells, width, low, span, kept, counts, slots):
     """Each rank's entry in a flattened ranks table ``[rows, experts with rows - 1, row blocks
     beyond the fewest]`` (-1: outside it) from ``cells``, ``[ranks, width]`` whole counts
     flattened, into ``slots``; returns the most rows of a rank. The row block is
@@ -454,15 +454,15 @@ def _own_times(local, num_experts, hidden, shard, top_k, gated, figures, table, 
     slots = np.empty(ranks, np.int64)
     # the widths of common expert-parallel layouts as constants: the compiler vectorises their ranks
     if width == 4:
-        largest = _rank_slots(cells, 4, low, top - low, kept, counts, slots)
+        largest = _table_slots(cells, 4, low, top - low, kept, counts, slots)
     elif width == 8:
-        largest = _rank_slots(cells, 8, low, top - low, kept, counts, slots)
+        largest = _table_slots(cells, 8, low, top - low, kept, counts, slots)
     elif width == 2:
-        largest = _rank_slots(cells, 2, low, top - low, kept, counts, slots)
+        largest = _table_slots(cells, 2, low, top - low, kept, counts, slots)
     elif width == 1:
-        largest = _rank_slots(cells, 1, low, top - low, kept, counts, slots)
+        largest = _table_slots(cells, 1, low, top - low, kept, counts, slots)
     else:
-        largest = _rank_slots(cells, width, low, top - low, kept, counts, slots)
+        largest = _table_slots(cells, width, low, top - low, kept, counts, slots)
     times = np.empty(ranks)
     for i in range(ranks):
         times[i] = flat[max(slots[i], 0)]  # (outside the table: replaced below)

@@ -119,6 +119,13 @@ def exchange_maxima(dispatch: np.ndarray, combine: np.ndarray, slots: np.ndarray
     return D, C, busy, received
 
 
+@numba.njit(inline="always", cache=True)
+def _starts_block(context: int, mask: int, block_size: int) -> bool:
+    """Whether a sequence's next token, after ``context`` cached tokens, starts a KV block
+    (``mask``: ``block_size - 1`` for a power of two, else -1 and an integer division)."""
+    return (context & mask if mask >= 0 else context % block_size) == 0
+
+
 @numba.njit(cache=True)
 def schedule(seqs: np.ndarray, count: np.ndarray, free: np.ndarray, prefilled: np.ndarray, target: np.ndarray,
              context: np.ndarray, blocks: np.ndarray, generated: np.ndarray, prompt: np.ndarray,
@@ -158,7 +165,7 @@ def schedule(seqs: np.ndarray, count: np.ndarray, free: np.ndarray, prefilled: n
                     filling[n_fill] = q
                     n_fill += 1
                 else:
-                    new_block = (context[q] & mask if mask >= 0 else context[q] % block_size) == 0
+                    new_block = _starts_block(context[q], mask, block_size)
                     blocks[q] += new_block
                     grow += new_block
                     decode_ids[n_dec] = q
@@ -168,7 +175,7 @@ def schedule(seqs: np.ndarray, count: np.ndarray, free: np.ndarray, prefilled: n
             if short or (n_fill and not chunked):
                 for i in range(first, n_dec):
                     q = decode_ids[i]
-                    blocks[q] -= (context[q] & mask if mask >= 0 else context[q] % block_size) == 0
+                    blocks[q] -= _starts_block(context[q], mask, block_size)
                 n_dec = first
                 grow = kv_sum = 0
             if not short:

@@ -149,6 +149,7 @@ class StepModel:
         self.replicas = layout.dp
         self.layers = list(arch.layers)
         self.is_moe = np.array([layer.moe for layer in self.layers])
+        self.num_moe_layers = int(self.is_moe.sum())
         self.windows = sorted({layer.window or 0 for layer in self.layers})
         self.window_of = np.array([self.windows.index(layer.window or 0) for layer in self.layers])
         self.window_layers = [next(layer for layer in self.layers if (layer.window or 0) == window) for window in self.windows]
@@ -273,7 +274,7 @@ class StepModel:
         over the loads (``[loads, ...]``): their layers are costed in one pass, the expert-parallel
         ones as if they were one step of twice the layers."""
         c, arch, lay = self.costing, self.arch, self.layout
-        M = int(self.is_moe.sum())
+        M = self.num_moe_layers
         n, R = len(loads), self.replicas
         decode, prefill = np.stack([load.decode for load in loads]), np.stack([load.prefill for load in loads])
         tokens = decode + prefill
@@ -448,18 +449,14 @@ class StepModel:
                 d_start = max(comm, comp)
                 comm = d_start + halves["D"][i][m]
                 ends.append(comm)
-                if detail:
-                    spans += [(-1, "compute", f"attention mb{i}", start, comp), (-1, "comm", f"dispatch mb{i}", d_start, comm)]
+                spans += [(-1, "compute", f"attention mb{i}", start, comp), (-1, "comm", f"dispatch mb{i}", d_start, comm)]
             for i in (0, 1):
                 start = max(comp, ends[i])
                 comp = start + xs[i][m]
                 c_start = max(comm, comp)
                 comm = c_start + halves["C"][i][m]
                 done[i] = comm
-                if detail:
-                    spans += [(-1, "compute", f"experts mb{i}", start, comp), (-1, "comm", f"combine mb{i}", c_start, comm)]
+                spans += [(-1, "compute", f"experts mb{i}", start, comp), (-1, "comm", f"combine mb{i}", c_start, comm)]
         duration = float(max(comp, comm) + tail)
-        if detail:
-            spans.append((-1, "compute", "attention+head", max(comp, comm), duration))
-            spans = [(d, *s[1:]) for s in spans for d in range(len(self.devices))]
-        return duration, spans
+        spans.append((-1, "compute", "attention+head", max(comp, comm), duration))
+        return duration, [(d, *s[1:]) for s in spans for d in range(len(self.devices))]
